@@ -1,0 +1,144 @@
+"""The library API behind both front ends: the ``homeclust`` CLI and ``tasks.py``.
+
+Everything a front end does goes through :func:`execute` (up, plan, check) and
+:func:`show_facts`, so the two can never drift apart.  Validation (inventory,
+``--only``/``--skip``, ``--host``) happens in :func:`prepare`, before any
+connection is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from rich.console import Console
+
+from homeclust.errors import UsageError
+from homeclust.facts import summarize
+from homeclust.inventory import Inventory, Node, load_inventory
+from homeclust.output import LineReporter, LiveReporter, QuietReporter, render_result, result_json
+from homeclust.runlog import RunLog
+from homeclust.runner import Reporter, Runner, RunResult
+from homeclust.steps import resolve_steps
+from homeclust.steps.base import Step
+from homeclust.transport import Connector, SshConnector
+
+Command = Literal["up", "plan", "check"]
+
+
+@dataclass(frozen=True)
+class Options:
+    only: Sequence[str] = ()
+    skip: Sequence[str] = ()
+    hosts: Sequence[str] = ()
+    forks: int = 10
+    dry_run: bool = False
+    diff: bool = False
+    json: bool = False
+
+
+@dataclass(frozen=True)
+class Prepared:
+    inventory: Inventory
+    steps: list[Step]
+    nodes: tuple[Node, ...]
+
+
+def prepare(inventory_path: str | Path, options: Options) -> Prepared:
+    """Load and validate everything the command line names; contacts nothing."""
+    inventory = load_inventory(inventory_path)
+    steps = resolve_steps(inventory, options.only, options.skip)
+    names = [n.strip() for value in options.hosts for n in value.split(",") if n.strip()]
+    nodes = inventory.select(names)
+    if options.forks < 1:
+        raise UsageError("--forks must be at least 1")
+    return Prepared(inventory, steps, nodes)
+
+
+def _reporter(console: Console, options: Options) -> Reporter:
+    if options.json:
+        return QuietReporter(console)
+    if console.is_terminal:
+        return LiveReporter(console)
+    return LineReporter(console)
+
+
+def run(command: Command, inventory_path: str | Path, options: Options, *,
+        console: Console | None = None, connector: Connector | None = None,
+        reporter: Reporter | None = None) -> RunResult:
+    """Run up/plan/check and return the result (nothing printed but progress)."""
+    prepared = prepare(inventory_path, options)
+    console = console or Console(stderr=options.json)
+    reporter = reporter or _reporter(console, options)
+    mode = "plan" if command == "plan" or options.dry_run else (
+        "check" if command == "check" else "apply")
+    runlog = RunLog.for_run(prepared.inventory.state_dir, "up" if mode == "apply" else mode)
+    owned = connector is None
+    connector = connector or SshConnector(prepared.inventory, on_retry=reporter.message)
+    runner = Runner(prepared.inventory, prepared.steps, prepared.nodes, connector=connector,
+                    reporter=reporter, runlog=runlog, forks=options.forks)
+    try:
+        if mode == "plan":
+            return runner.plan()
+        if mode == "check":
+            return runner.check()
+        return runner.apply()
+    finally:
+        if owned:
+            connector.close()
+        runlog.close()
+
+
+def execute(command: Command, inventory_path: str | Path, options: Options) -> int:
+    """Run a command and print its outcome; returns the documented exit code."""
+    console = Console()
+    result = run(command, inventory_path, options,
+                 console=Console(stderr=True) if options.json else console)
+    if options.json:
+        print(json.dumps(result_json(result), indent=2))
+    else:
+        show_diff = command == "plan" or options.diff
+        render_result(console, result, show_diff=show_diff)
+    return result.exit_code()
+
+
+def show_facts(inventory_path: str | Path, hosts: Sequence[str], *, as_json: bool) -> int:
+    prepared = prepare(inventory_path, Options(only=(), hosts=hosts))
+    console = Console(stderr=as_json)
+    reporter = QuietReporter(console) if as_json else LineReporter(console)
+    connector = SshConnector(prepared.inventory, on_retry=reporter.message)
+    runner = Runner(prepared.inventory, [], prepared.nodes, connector=connector,
+                    reporter=reporter, runlog=RunLog(None))
+    try:
+        result = runner.gather_all()
+    finally:
+        connector.close()
+    data = {
+        name: summarize(runner.facts[name]) if name in runner.facts else None
+        for name in result.hosts
+    }
+    errors = result.host_errors
+    if as_json:
+        print(json.dumps({"facts": data, "errors": errors}, indent=2))
+    else:
+        for name, summary in data.items():
+            console.rule(name, align="left")
+            if summary is None:
+                console.print(f"[red]{errors.get(name, 'no facts')}[/red]")
+            else:
+                console.print_json(json.dumps(summary))
+    return 1 if errors else 0
+
+
+def configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if verbose < 3:
+        # paramiko's transport chatter is only useful when asked for explicitly.
+        logging.getLogger("paramiko").setLevel(max(level, logging.WARNING))

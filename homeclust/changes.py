@@ -1,0 +1,270 @@
+"""Changes: the small closed set of things a step can ask a host to do.
+
+* :class:`FileChange` -- a file with content, mode and owner (or its removal);
+  carries the unified diff against what the host has now.
+* :class:`PackagesChange` -- packages to install.
+* :class:`ServiceChange` -- enable/disable, start/stop/restart a unit.
+* :class:`CommandChange` -- a command, optionally guarded by a shell test
+  (``unless``) and/or triggered only when some file of the same batch really
+  changed (``when_changed``: "restart networking if its file changed").
+
+Planning produces them from facts without I/O.  :func:`render_batch` turns the
+changes of one step on one host into a single shell script (one round trip),
+and :func:`parse_batch_output` reads back what each change did.
+"""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+CHANGE_MARKER = "@@homeclust-change@@"
+
+
+@dataclass(frozen=True)
+class FileChange:
+    path: str
+    content: str | None  # None: the file must not exist
+    old: str | None  # what the host has now (None: absent or unknown)
+    mode: int = 0o644
+    owner: str = "root"
+    group: str = "root"
+    reason: str = ""
+
+    kind: Literal["file"] = field(default="file", init=False)
+
+    @property
+    def description(self) -> str:
+        if self.content is None:
+            return f"remove {self.path}"
+        verb = "create" if self.old is None else "update"
+        extra = f" ({self.reason})" if self.reason else ""
+        return f"{verb} {self.path}{extra}"
+
+    def diff(self) -> str:
+        old = (self.old or "").splitlines(keepends=True)
+        new = (self.content or "").splitlines(keepends=True)
+        text = "".join(
+            difflib.unified_diff(
+                old, new,
+                fromfile=self.path if self.old is not None else "/dev/null",
+                tofile=self.path if self.content is not None else "/dev/null",
+            )
+        )
+        if not text and self.reason:
+            return f"--- {self.path}\n+++ {self.path}\n# {self.reason}\n"
+        return text
+
+
+@dataclass(frozen=True)
+class PackagesChange:
+    packages: tuple[str, ...]
+    command: str  # from Platform.install_command
+    preseed: str | None = None
+
+    kind: Literal["packages"] = field(default="packages", init=False)
+
+    @property
+    def description(self) -> str:
+        return "install " + " ".join(self.packages)
+
+
+@dataclass(frozen=True)
+class ServiceChange:
+    unit: str
+    enable: bool | None = None  # True: enable, False: disable (and mask when mask=True)
+    action: Literal["start", "stop", "restart", "reload"] | None = None
+    mask: bool = False
+    when_changed: tuple[str, ...] = ()
+
+    kind: Literal["service"] = field(default="service", init=False)
+
+    @property
+    def description(self) -> str:
+        parts = []
+        if self.enable is True:
+            parts.append("enable")
+        elif self.enable is False:
+            parts.append("mask" if self.mask else "disable")
+        if self.action:
+            parts.append(self.action)
+        text = " and ".join(parts) + f" {self.unit}"
+        if self.when_changed:
+            text += " (if " + ", ".join(self.when_changed) + " changed)"
+        return text
+
+
+@dataclass(frozen=True)
+class CommandChange:
+    description: str
+    command: str
+    unless: str | None = None  # skip when this shell test succeeds on the host
+    when_changed: tuple[str, ...] = ()  # run only if one of these files changed in this batch
+    #: On failure, report this warning instead of failing the step (e.g. a sysctl
+    #: that is read-only inside a container).
+    warn_on_failure: str | None = None
+    #: Run after the batch, detached from the SSH session (it may cut the session).
+    detached: bool = False
+
+    kind: Literal["command"] = field(default="command", init=False)
+
+
+Change = FileChange | PackagesChange | ServiceChange | CommandChange
+
+
+def diff_text(changes: Sequence[Change]) -> str:
+    """Every file diff of a plan plus a line per other change, for ``plan`` output."""
+    out = []
+    for change in changes:
+        if isinstance(change, FileChange):
+            out.append(change.diff())
+        else:
+            out.append(f"# {change.description}\n")
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------- shell
+
+_PRELUDE = f"""\
+exec 2>&1
+export LC_ALL=C PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+hc_changed=" "
+hc_mark() {{ printf '\\n{CHANGE_MARKER} %s %s\\n' "$1" "$2"; }}
+hc_was_changed() {{
+  for p in "$@"; do case "$hc_changed" in *" $p "*) return 0;; esac; done
+  return 1
+}}
+hc_file() {{
+  # path mode owner group base64-content: write atomically, report whether it changed
+  dir=$(dirname "$1"); [ -d "$dir" ] || mkdir -p "$dir" || return 1
+  tmp="$1.homeclust-tmp.$$"
+  printf '%s' "$5" | base64 -d > "$tmp" || {{ rm -f "$tmp"; return 1; }}
+  chown "$3:$4" "$tmp" && chmod "$2" "$tmp" || {{ rm -f "$tmp"; return 1; }}
+  if [ -f "$1" ] && cmp -s "$tmp" "$1" && \\
+     [ "$(stat -c '%a %U %G' "$1")" = "$(stat -c '%a %U %G' "$tmp")" ]; then
+    rm -f "$tmp"; return 2
+  fi
+  mv -f "$tmp" "$1" || return 1
+  hc_changed="$hc_changed$1 "
+}}
+hc_absent() {{
+  [ -e "$1" ] || [ -L "$1" ] || return 2
+  rm -f "$1" || return 1
+  hc_changed="$hc_changed$1 "
+}}
+"""
+
+
+def _file_shell(change: FileChange) -> str:
+    path = shlex.quote(change.path)
+    if change.content is None:
+        return f"hc_absent {path}"
+    encoded = base64.b64encode(change.content.encode()).decode()
+    return (
+        f"hc_file {path} {change.mode:o} {shlex.quote(change.owner)} "
+        f"{shlex.quote(change.group)} {encoded}"
+    )
+
+
+def _service_shell(change: ServiceChange) -> str:
+    unit = shlex.quote(change.unit)
+    parts = []
+    if change.enable is True:
+        parts.append(f"systemctl unmask {unit} >/dev/null 2>&1; systemctl enable {unit}")
+    elif change.enable is False:
+        parts.append(f"systemctl disable {unit}")
+        if change.mask:
+            parts.append(f"systemctl mask {unit}")
+    if change.action:
+        parts.append(f"systemctl {change.action} {unit}")
+    return " && ".join(parts) if parts else "true"
+
+
+def change_shell(change: Change) -> str:
+    """The shell command of one change (without markers or guards)."""
+    if isinstance(change, FileChange):
+        return _file_shell(change)
+    if isinstance(change, PackagesChange):
+        if change.preseed:
+            return f"{{ {change.preseed}; }} && {change.command}"
+        return change.command
+    if isinstance(change, ServiceChange):
+        return _service_shell(change)
+    return change.command
+
+
+def render_batch(changes: Sequence[Change], *, stop_on_failure: bool = True) -> str:
+    """One POSIX shell script applying ``changes`` in order.
+
+    Every change reports ``<index> changed|unchanged|skipped|warned|failed`` on
+    a marker line.  The first failure stops the script with exit 1 (later
+    changes are not attempted: a step never half-applies silently).  Detached
+    commands are collected into ``$HC_DETACH`` (a file the caller provides)
+    instead of running inline.
+    """
+    lines = [_PRELUDE]
+    for index, change in enumerate(changes):
+        body = change_shell(change)
+        when = getattr(change, "when_changed", ())
+        unless = getattr(change, "unless", None)
+        conditions = []
+        if when:
+            conditions.append("hc_was_changed " + " ".join(shlex.quote(p) for p in when))
+        guard_open = ""
+        guard_close = ""
+        if conditions:
+            guard_open = f"if {' && '.join(conditions)}; then\n"
+            guard_close = f"else hc_mark {index} skipped; fi\n"
+        if unless:
+            guard_open += f"if ( {unless} ) >/dev/null 2>&1; then hc_mark {index} unchanged; else\n"
+            guard_close = "fi\n" + guard_close
+        if isinstance(change, CommandChange) and change.detached:
+            action = (
+                f'printf "%s\\n" {shlex.quote(body)} >> "$HC_DETACH"; hc_mark {index} changed\n'
+            )
+        else:
+            on_fail = (
+                f"printf 'warning: %s\\n' {shlex.quote(change.warn_on_failure)}; hc_mark {index} warned"
+                if isinstance(change, CommandChange) and change.warn_on_failure
+                else f"hc_mark {index} failed" + ("; exit 1" if stop_on_failure else "")
+            )
+            if isinstance(change, FileChange):
+                action = (
+                    f"{body}; rc=$?\n"
+                    f"case $rc in 0) hc_mark {index} changed;; 2) hc_mark {index} unchanged;;"
+                    f" *) {on_fail};; esac\n"
+                )
+            else:
+                action = f"if {{ {body}\n}}; then hc_mark {index} changed; else {on_fail}; fi\n"
+        lines.append(guard_open + action + guard_close)
+    lines.append("exit 0\n")
+    return "".join(lines)
+
+
+ChangeStatus = Literal["changed", "unchanged", "skipped", "warned", "failed", "not-run"]
+
+
+@dataclass(frozen=True)
+class ChangeOutcome:
+    index: int
+    status: ChangeStatus
+    output: str
+
+
+def parse_batch_output(output: str, count: int) -> list[ChangeOutcome]:
+    """Split a batch's output into one outcome per change (``not-run`` after a failure)."""
+    outcomes: dict[int, ChangeOutcome] = {}
+    buffer: list[str] = []
+    for line in output.splitlines():
+        if line.startswith(CHANGE_MARKER + " "):
+            _, index_text, status = line.split()
+            index = int(index_text)
+            outcomes[index] = ChangeOutcome(index, status, "\n".join(buffer).strip())  # type: ignore[arg-type]
+            buffer = []
+        else:
+            buffer.append(line)
+    return [outcomes.get(index, ChangeOutcome(index, "not-run", "")) for index in range(count)]

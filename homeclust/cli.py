@@ -1,0 +1,183 @@
+"""The ``homeclust`` command line: thin click functions over :mod:`homeclust.api`.
+
+Exit codes (the contract): 0 success (``plan``: nothing to change), 1 a host
+or step failed, 2 usage or inventory error (nothing contacted), 3 ``plan``
+found changes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from homeclust import __version__, api
+from homeclust.errors import HomeclustError
+from homeclust.inventory import DEFAULT_INVENTORY, inventory_summary, load_inventory
+from homeclust.lab.cli import lab
+from homeclust.steps import step_names
+
+STEP_HELP = "Steps, in run order: " + ", ".join(step_names()) + "."
+
+
+def _only_option(f: Any) -> Any:
+    return click.option(
+        "--only", "only", multiple=True, metavar="STEP[,STEP]",
+        help="Run only these steps (order still follows dependencies).",
+    )(f)
+
+
+def _host_option(f: Any) -> Any:
+    return click.option(
+        "--host", "hosts", multiple=True, metavar="NAME[,NAME]",
+        help="Only these hosts (workers are still reached through the master).",
+    )(f)
+
+
+def _json_option(f: Any) -> Any:
+    return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(f)
+
+
+def _inventory(ctx: click.Context) -> str:
+    return str(ctx.find_root().obj["inventory"])
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Examples:\n\n\b\n"
+    "  homeclust plan                          # what would change, as diffs\n"
+    "  homeclust up                            # bring the cluster to the inventory's state\n"
+    "  homeclust up --only firewall --host worker2\n"
+    "  homeclust check                         # prove the cluster works\n"
+    "  homeclust lab up                        # a virtual copy of the cluster to try things",
+)
+@click.option("-i", "--inventory", default=DEFAULT_INVENTORY, show_default=True,
+              metavar="PATH", help="Inventory file.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv: debug).")
+@click.version_option(__version__, prog_name="homeclust")
+@click.pass_context
+def cli(ctx: click.Context, inventory: str, verbose: int) -> None:
+    """Turn a few computers into an HPC cluster over SSH.
+
+    The master (public + private interface) becomes the NAT gateway, package
+    repository and SSH jump host; the workers are configured through it.
+    """
+    ctx.obj = {"inventory": inventory, "verbose": verbose}
+    api.configure_logging(verbose)
+
+
+@cli.command(epilog=STEP_HELP)
+@_only_option
+@click.option("--skip", multiple=True, metavar="STEP[,STEP]", help="Leave these steps out.")
+@_host_option
+@click.option("--dry-run", is_flag=True, help="Plan only; change nothing (like `plan`).")
+@click.option("--diff", is_flag=True, help="Show file diffs of what changes.")
+@click.option("--forks", default=10, show_default=True, type=click.IntRange(1, 256),
+              help="Workers configured in parallel.")
+@_json_option
+@click.pass_context
+def up(ctx: click.Context, only: tuple[str, ...], skip: tuple[str, ...], hosts: tuple[str, ...],
+       dry_run: bool, diff: bool, forks: int, as_json: bool) -> None:
+    """Bring the cluster to the state the inventory describes.
+
+    The master first, then the workers in parallel.  Changes that could cut
+    you off (network, firewall) roll back by themselves unless homeclust can
+    confirm them over a new connection.
+    """
+    options = api.Options(only=only, skip=skip, hosts=hosts, forks=forks, dry_run=dry_run,
+                          diff=diff or dry_run, json=as_json)
+    ctx.exit(api.execute("up", _inventory(ctx), options))
+
+
+@cli.command(epilog=STEP_HELP + " Exit code 3 means changes are pending (a drift check).")
+@_only_option
+@click.option("--skip", multiple=True, metavar="STEP[,STEP]", help="Leave these steps out.")
+@_host_option
+@click.option("--forks", default=10, show_default=True, type=click.IntRange(1, 256))
+@_json_option
+@click.pass_context
+def plan(ctx: click.Context, only: tuple[str, ...], skip: tuple[str, ...],
+         hosts: tuple[str, ...], forks: int, as_json: bool) -> None:
+    """Show what `up` would change (files as unified diffs); change nothing."""
+    options = api.Options(only=only, skip=skip, hosts=hosts, forks=forks, json=as_json)
+    ctx.exit(api.execute("plan", _inventory(ctx), options))
+
+
+@cli.command(epilog=STEP_HELP)
+@_only_option
+@_host_option
+@click.option("--forks", default=10, show_default=True, type=click.IntRange(1, 256))
+@_json_option
+@click.pass_context
+def check(ctx: click.Context, only: tuple[str, ...], hosts: tuple[str, ...], forks: int,
+          as_json: bool) -> None:
+    """Prove the cluster works: reachability, NAT egress, firewall posture and drift."""
+    options = api.Options(only=only, hosts=hosts, forks=forks, json=as_json)
+    ctx.exit(api.execute("check", _inventory(ctx), options))
+
+
+@cli.command()
+@_host_option
+@_json_option
+@click.pass_context
+def facts(ctx: click.Context, hosts: tuple[str, ...], as_json: bool) -> None:
+    """Read and show what homeclust knows about each host (one round trip per host)."""
+    ctx.exit(api.show_facts(_inventory(ctx), hosts, as_json=as_json))
+
+
+@cli.command("inventory")
+@_json_option
+@click.pass_context
+def inventory_command(ctx: click.Context, as_json: bool) -> None:
+    """Validate the inventory and print it with every default filled in."""
+    inv = load_inventory(_inventory(ctx))
+    data = inventory_summary(inv)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"inventory {inv.path}: valid")
+    click.echo(f"cluster {inv.cluster.name}: private network {inv.cluster.private_network}, "
+               f"dns {', '.join(map(str, inv.cluster.dns))}")
+    m = inv.master
+    public = (f"{m.public_interface} dhcp (client id {m.dhcp_client_id})"
+              if m.public_boot == "dhcp" else
+              f"{m.public_interface} {m.public_address} gw {m.public_gateway}")
+    click.echo(f"master  {m.name:<12} {m.private_interface} {m.private_address:<15} "
+               f"public {public}; ssh {inv.ssh.user}@{m.address}:{m.port}; slots {m.slots}"
+               f"{'' if m.compute else ' (no jobs)'}")
+    for w in inv.workers:
+        click.echo(f"worker  {w.name:<12} {w.interface} {w.private_address!s:<15} "
+                   f"via {m.name}; slots {w.slots}")
+    click.echo(f"firewall: ssh from {', '.join(map(str, inv.firewall.ssh_from))}; public tcp "
+               f"{', '.join(map(str, inv.firewall.public_tcp_ports))}; "
+               f"log drops {'on' if inv.firewall.log_dropped else 'off'}")
+    click.echo(f"scheduler: {inv.scheduler.kind}; known_hosts: {inv.ssh.known_hosts}")
+
+
+cli.add_command(lab)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: HomeclustError -> message + documented exit code."""
+    try:
+        code = cli.main(args=argv, prog_name="homeclust", standalone_mode=False)
+    except click.UsageError as exc:
+        exc.show()
+        sys.exit(2)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except HomeclustError as exc:
+        click.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    # In non-standalone mode click returns ctx.exit()'s code instead of exiting.
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

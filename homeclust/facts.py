@@ -1,0 +1,518 @@
+"""Facts: what a host looks like right now, gathered in one SSH round trip.
+
+A fact is a shell command plus a pure parser.  :func:`gather_script` joins the
+commands of every section into one POSIX shell script whose output is a series
+of sections, each starting with a marker line; :func:`parse_facts` splits the
+output and hands every section to its parser.  Parsers never do I/O, so they
+are unit-tested from captured outputs of both platform families.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import shlex
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+
+from homeclust.errors import FactError
+
+MARKER = "@@homeclust-fact@@"
+
+#: Sysctls every step may look at; the facts script reports value and writability.
+SYSCTL_KEYS: tuple[str, ...] = (
+    "net.ipv4.ip_forward",
+    "net.netfilter.nf_conntrack_max",
+    "net.netfilter.nf_conntrack_tcp_timeout_established",
+)
+
+#: Commands whose presence steps and the runner care about.
+COMMANDS: tuple[str, ...] = (
+    "systemd-run", "systemctl", "flock", "iptables", "iptables-save", "iptables-restore",
+    "ip6tables", "ifup", "ifdown", "dhclient", "netplan", "nmcli", "hostnamectl", "apt-get",
+    "dnf", "yum", "rpm", "dpkg-query", "sha256sum", "base64", "curl", "sudo", "bash",
+)
+
+#: Files larger than this are reported by hash only (managed files are small configs).
+MAX_FILE_CONTENT = 256 * 1024
+
+#: Where guarded transactions keep their state on a host (see homeclust.safety).
+TXN_DIR = "/var/lib/homeclust/txn"
+
+
+@dataclass(frozen=True)
+class OsRelease:
+    id: str
+    id_like: tuple[str, ...]
+    version_id: str
+    pretty_name: str
+
+    @property
+    def major(self) -> int:
+        match = re.match(r"(\d+)", self.version_id)
+        return int(match.group(1)) if match else 0
+
+
+@dataclass(frozen=True)
+class Interface:
+    name: str
+    mac: str | None
+    up: bool
+    addresses: tuple[IPv4Interface, ...] = ()
+
+
+@dataclass(frozen=True)
+class Route:
+    destination: str  # "default" or a CIDR
+    gateway: IPv4Address | None
+    device: str | None
+    protocol: str | None = None
+
+    @property
+    def is_default(self) -> bool:
+        return self.destination == "default"
+
+
+@dataclass(frozen=True)
+class Sysctl:
+    value: str | None  # None: the key does not exist here (module not loaded, no such key)
+    writable: bool
+
+
+@dataclass(frozen=True)
+class FileFact:
+    path: str
+    mode: int
+    owner: str
+    group: str
+    sha256: str
+    content: bytes | None  # None when the file is larger than MAX_FILE_CONTENT
+
+    @property
+    def text(self) -> str | None:
+        return None if self.content is None else self.content.decode("utf-8", "replace")
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    enabled: str  # enabled, disabled, static, masked, … or "" when unknown
+    active: bool
+
+
+@dataclass(frozen=True)
+class SshPeer:
+    """``$SSH_CONNECTION`` as the host saw our session: who we are, where we arrived."""
+
+    client_address: IPv4Address
+    client_port: int
+    server_address: IPv4Address
+    server_port: int
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    os: OsRelease
+    hostname: str
+    virtualization: str
+    interfaces: Mapping[str, Interface]
+    routes: tuple[Route, ...]
+    iptables_backend: str | None  # "nf_tables", "legacy" or None when iptables is missing
+    iptables: Mapping[str, str]  # table name -> normalized iptables-save text of that table
+    sysctls: Mapping[str, Sysctl]
+    packages: Mapping[str, str]  # name -> version (installed only)
+    services: Mapping[str, ServiceState]
+    files: Mapping[str, FileFact]  # only files that exist
+    commands: frozenset[str]
+    ssh_peer: SshPeer | None
+    pending_transactions: tuple[str, ...] = ()
+    raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def file_text(self, path: str) -> str | None:
+        fact = self.files.get(path)
+        return fact.text if fact else None
+
+    def has_command(self, name: str) -> bool:
+        return name in self.commands
+
+    def addresses_of(self, interface: str) -> tuple[IPv4Interface, ...]:
+        found = self.interfaces.get(interface)
+        return found.addresses if found else ()
+
+    def default_routes(self) -> tuple[Route, ...]:
+        return tuple(r for r in self.routes if r.is_default)
+
+    def interface_with_address(self, address: IPv4Address) -> str | None:
+        for iface in self.interfaces.values():
+            if any(a.ip == address for a in iface.addresses):
+                return iface.name
+        return None
+
+    def service_enabled(self, unit: str) -> bool:
+        state = self.services.get(_unit(unit))
+        return state is not None and state.enabled in ("enabled", "enabled-runtime", "alias")
+
+    def service_active(self, unit: str) -> bool:
+        state = self.services.get(_unit(unit))
+        return state is not None and state.active
+
+
+def _unit(name: str) -> str:
+    return name if "." in name else f"{name}.service"
+
+
+# --------------------------------------------------------------------------- script
+
+
+def gather_script(paths: Iterable[str]) -> str:
+    """The one shell script that reports every fact section.
+
+    ``paths`` are absolute file paths or shell globs (``/etc/netplan/*.yaml``)
+    whose metadata and content are reported.  The script is POSIX sh, runs as
+    root (through sudo when needed) and never changes anything.  ``$1`` is the
+    caller's ``$SSH_CONNECTION`` (sudo would strip it from the environment).
+    """
+    path_words = " ".join(_glob_word(p) for p in sorted(set(paths)))
+    sysctl_words = " ".join(shlex.quote(k) for k in SYSCTL_KEYS)
+    command_words = " ".join(shlex.quote(c) for c in COMMANDS)
+    return f"""\
+export LC_ALL=C PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+sec() {{ printf '\\n{MARKER} %s\\n' "$1"; }}
+sec os-release; cat /etc/os-release 2>/dev/null
+sec hostname; hostname 2>/dev/null || cat /proc/sys/kernel/hostname
+sec virt; systemd-detect-virt 2>/dev/null || echo none
+sec ssh-connection; printf '%s\\n' "${{1:-}}"
+sec links; ip -o link show 2>/dev/null
+sec addresses; ip -o -4 addr show 2>/dev/null
+sec routes; ip -4 route show table main 2>/dev/null
+sec iptables-version; iptables --version 2>/dev/null
+sec iptables-save; iptables-save 2>/dev/null
+sec sysctl
+for key in {sysctl_words}; do
+  f=/proc/sys/$(printf '%s' "$key" | tr . /)
+  if [ -e "$f" ]; then
+    if [ -w "$f" ]; then w=rw; else w=ro; fi
+    printf '%s\\t%s\\t%s\\n' "$key" "$w" "$(cat "$f" 2>/dev/null | tr '\\t' ' ')"
+  else
+    printf '%s\\tabsent\\t\\n' "$key"
+  fi
+done
+sec packages
+if command -v dpkg-query >/dev/null 2>&1; then
+  dpkg-query -W -f='${{db:Status-Abbrev}}\\t${{Package}}\\t${{Version}}\\n' 2>/dev/null
+elif command -v rpm >/dev/null 2>&1; then
+  rpm -qa --qf 'ii \\t%{{NAME}}\\t%{{VERSION}}-%{{RELEASE}}\\n' 2>/dev/null
+fi
+sec unit-files; systemctl list-unit-files --no-legend --no-pager 2>/dev/null
+sec active-units
+systemctl list-units --type=service,timer,socket --state=active --no-legend --no-pager --plain \\
+  2>/dev/null
+sec commands
+for c in {command_words}; do command -v "$c" >/dev/null 2>&1 && printf '%s\\n' "$c"; done
+sec transactions; ls -1 {TXN_DIR} 2>/dev/null
+sec files
+for f in {path_words}; do
+  [ -f "$f" ] || continue
+  size=$(wc -c < "$f")
+  printf 'F\\t%s\\t%s\\t%s\\n' "$f" "$(stat -c '%a\\t%U\\t%G' "$f")" "$(sha256sum < "$f" | cut -c1-64)"
+  if [ "$size" -le {MAX_FILE_CONTENT} ]; then base64 < "$f" | tr -d '\\n'; else printf -- -; fi
+  printf '\\n'
+done
+sec end
+"""
+
+
+_SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9/._*?\[\]-]*$")
+
+
+def _glob_word(path: str) -> str:
+    """A fact path as a shell word; glob characters stay active, nothing else is special."""
+    if not _SAFE_PATH_RE.match(path):
+        raise ValueError(f"fact paths must be absolute and plain: {path!r}")
+    return path
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def split_sections(output: str) -> dict[str, str]:
+    sections: dict[str, str] = {}
+    current: str | None = None
+    lines: list[str] = []
+    for line in output.splitlines():
+        if line.startswith(MARKER + " "):
+            if current is not None:
+                sections[current] = "\n".join(lines).strip("\n")
+            current = line[len(MARKER) + 1:].strip()
+            lines = []
+        elif current is not None:
+            lines.append(line)
+    if current is not None:
+        sections[current] = "\n".join(lines).strip("\n")
+    return sections
+
+
+def parse_facts(output: str) -> HostFacts:
+    """Turn the output of :func:`gather_script` into :class:`HostFacts`."""
+    sections = split_sections(output)
+    if "end" not in sections:
+        raise FactError("facts output is incomplete (the script did not finish)")
+    os_release = parse_os_release(sections.get("os-release", ""))
+    links = parse_links(sections.get("links", ""))
+    addresses = parse_addresses(sections.get("addresses", ""))
+    interfaces = {
+        name: Interface(name, mac, up, tuple(addresses.get(name, ())))
+        for name, (mac, up) in links.items()
+    }
+    backend, _ = parse_iptables_version(sections.get("iptables-version", ""))
+    return HostFacts(
+        os=os_release,
+        hostname=sections.get("hostname", "").strip(),
+        virtualization=sections.get("virt", "none").strip() or "none",
+        interfaces=interfaces,
+        routes=parse_routes(sections.get("routes", "")),
+        iptables_backend=backend,
+        iptables=parse_iptables_save(sections.get("iptables-save", "")),
+        sysctls=parse_sysctls(sections.get("sysctl", "")),
+        packages=parse_packages(sections.get("packages", "")),
+        services=parse_services(sections.get("unit-files", ""), sections.get("active-units", "")),
+        files=parse_files(sections.get("files", "")),
+        commands=frozenset(sections.get("commands", "").split()),
+        ssh_peer=parse_ssh_connection(sections.get("ssh-connection", "")),
+        pending_transactions=tuple(sections.get("transactions", "").split()),
+        raw=sections,
+    )
+
+
+def parse_os_release(text: str) -> OsRelease:
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        if "=" not in line or line.lstrip().startswith("#"):
+            continue
+        key, _, raw = line.partition("=")
+        try:
+            parts = shlex.split(raw)
+        except ValueError:
+            parts = [raw.strip("\"'")]
+        values[key.strip()] = parts[0] if parts else ""
+    if "ID" not in values:
+        raise FactError("cannot identify the operating system: /etc/os-release is missing ID")
+    return OsRelease(
+        id=values["ID"].lower(),
+        id_like=tuple(values.get("ID_LIKE", "").lower().split()),
+        version_id=values.get("VERSION_ID", ""),
+        pretty_name=values.get("PRETTY_NAME", values["ID"]),
+    )
+
+
+_LINK_RE = re.compile(r"^\d+:\s+([^:@\s]+)(?:@[^:\s]+)?:\s+<([^>]*)>.*?(?:link/\S+\s+([0-9a-f:]{17}))?")
+
+
+def parse_links(text: str) -> dict[str, tuple[str | None, bool]]:
+    """``ip -o link show`` -> {name: (mac, administratively up)}."""
+    links: dict[str, tuple[str | None, bool]] = {}
+    for line in text.splitlines():
+        match = _LINK_RE.match(line)
+        if not match:
+            continue
+        name, flags, mac = match.groups()
+        links[name] = (mac, "UP" in flags.split(","))
+    return links
+
+
+_ADDR_RE = re.compile(r"^\d+:\s+(\S+)\s+inet\s+(\d+\.\d+\.\d+\.\d+/\d+)")
+
+
+def parse_addresses(text: str) -> dict[str, list[IPv4Interface]]:
+    """``ip -o -4 addr show`` -> {interface: [address/prefix, …]}."""
+    found: dict[str, list[IPv4Interface]] = {}
+    for line in text.splitlines():
+        match = _ADDR_RE.match(line)
+        if match:
+            found.setdefault(match.group(1), []).append(IPv4Interface(match.group(2)))
+    return found
+
+
+def parse_routes(text: str) -> tuple[Route, ...]:
+    """``ip -4 route show`` -> routes (destination, gateway, device, protocol)."""
+    routes = []
+    for line in text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        destination = words[0]
+        if destination not in ("default", "unreachable", "blackhole", "prohibit"):
+            try:
+                destination = str(IPv4Network(destination, strict=False))
+            except ValueError:
+                continue
+        options = dict(zip(words[1::2], words[2::2], strict=False))
+        gateway = options.get("via")
+        routes.append(
+            Route(
+                destination=destination,
+                gateway=IPv4Address(gateway) if gateway else None,
+                device=options.get("dev"),
+                protocol=options.get("proto"),
+            )
+        )
+    return tuple(routes)
+
+
+def parse_iptables_version(text: str) -> tuple[str | None, str | None]:
+    match = re.search(r"iptables v([\d.]+)(?:\s+\((\w+)\))?", text)
+    if not match:
+        return None, None
+    return match.group(2) or "legacy", match.group(1)
+
+
+def parse_iptables_save(text: str) -> dict[str, str]:
+    """Split ``iptables-save`` into normalized text per table."""
+    tables: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            current = tables.setdefault(line[1:].strip(), [])
+            current.append(line.strip())
+        elif current is not None and line.strip() and not line.startswith("#"):
+            current.append(line.rstrip())
+    return {name: normalize_iptables("\n".join(lines)) for name, lines in tables.items()}
+
+
+_COUNTERS_RE = re.compile(r"\s*\[\d+:\d+\]$")
+
+
+def normalize_iptables(text: str) -> str:
+    """Canonical form of one or more ``iptables-save`` tables, for comparisons.
+
+    Drops comments, blank lines and packet counters, and smooths over the few
+    spellings that differ between iptables versions and backends for the rules
+    homeclust writes (implicit ``-m tcp``, the default ``--log-level 4``).
+    """
+    out = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith(":"):
+            line = _COUNTERS_RE.sub(" [0:0]", line)
+            if not line.endswith("[0:0]"):
+                line += " [0:0]"
+        elif line.startswith("-A "):
+            line = re.sub(r"-p (tcp|udp) (?!-m \1)", r"-p \1 -m \1 ", line)
+            line = re.sub(r" --log-level (4|warning|warn)\b", "", line)
+            line = re.sub(r"-m state --state ", "-m conntrack --ctstate ", line)
+        out.append(line)
+    return "\n".join(out) + ("\n" if out else "")
+
+
+def parse_sysctls(text: str) -> dict[str, Sysctl]:
+    found: dict[str, Sysctl] = {}
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) < 2:
+            continue
+        key, access = parts[0], parts[1]
+        value = parts[2].strip() if len(parts) > 2 else ""
+        if access == "absent":
+            found[key] = Sysctl(None, False)
+        else:
+            found[key] = Sysctl(" ".join(value.split()), access == "rw")
+    return found
+
+
+def parse_packages(text: str) -> dict[str, str]:
+    """Installed packages from dpkg-query (status ``ii``) or rpm (always installed)."""
+    packages: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) != 3:
+            continue
+        status, name, version = parts
+        if status.strip() in ("ii", "hi"):
+            # Multi-arch packages are reported as name:arch; steps use bare names.
+            packages[name.split(":")[0]] = version
+    return packages
+
+
+def parse_services(unit_files: str, active_units: str) -> dict[str, ServiceState]:
+    enabled: dict[str, str] = {}
+    for line in unit_files.splitlines():
+        words = line.split()
+        if len(words) >= 2:
+            enabled[words[0]] = words[1]
+    active = set()
+    for line in active_units.splitlines():
+        words = line.split()
+        if words:
+            active.add(words[0].lstrip("●* "))
+    return {
+        unit: ServiceState(enabled.get(unit, ""), unit in active)
+        for unit in sorted(set(enabled) | active)
+    }
+
+
+def parse_files(text: str) -> dict[str, FileFact]:
+    """File records: a header line then a content line (base64, or ``-`` when too big)."""
+    files: dict[str, FileFact] = {}
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if not line.startswith("F\t"):
+            continue
+        parts = line.split("\t")
+        if len(parts) != 6:
+            raise FactError(f"cannot parse file fact line: {line!r}")
+        _, path, mode, owner, group, digest = parts
+        encoded = lines[i + 1] if i + 1 < len(lines) else "-"
+        content = None if encoded == "-" else base64.b64decode(encoded)
+        files[path] = FileFact(path, int(mode, 8), owner, group, digest, content)
+    return files
+
+
+def parse_ssh_connection(text: str) -> SshPeer | None:
+    words = text.split()
+    if len(words) != 4:
+        return None
+    try:
+        return SshPeer(IPv4Address(words[0]), int(words[1]), IPv4Address(words[2]), int(words[3]))
+    except ValueError:
+        return None  # an IPv6 session: the firewall's lockout check then has nothing to go on
+
+
+def summarize(facts: HostFacts) -> dict[str, object]:
+    """A readable digest of the facts (``homeclust facts``)."""
+    return {
+        "os": facts.os.pretty_name,
+        "family_id": facts.os.id,
+        "version": facts.os.version_id,
+        "hostname": facts.hostname,
+        "virtualization": facts.virtualization,
+        "interfaces": {
+            name: {
+                "mac": iface.mac,
+                "up": iface.up,
+                "addresses": [str(a) for a in iface.addresses],
+            }
+            for name, iface in sorted(facts.interfaces.items())
+        },
+        "routes": [
+            " ".join(
+                x for x in (r.destination, f"via {r.gateway}" if r.gateway else "",
+                            f"dev {r.device}" if r.device else "") if x
+            )
+            for r in facts.routes
+        ],
+        "iptables_backend": facts.iptables_backend,
+        "iptables_tables": sorted(facts.iptables),
+        "sysctls": {k: v.value for k, v in sorted(facts.sysctls.items())},
+        "packages": len(facts.packages),
+        "active_services": sorted(u for u, s in facts.services.items() if s.active),
+        "managed_files": {p: f.sha256[:12] for p, f in sorted(facts.files.items())},
+        "ssh_client": str(facts.ssh_peer.client_address) if facts.ssh_peer else None,
+        "pending_transactions": list(facts.pending_transactions),
+    }
+
+
+def paths_needed(groups: Sequence[Iterable[str]]) -> tuple[str, ...]:
+    """Union of the fact paths that several steps declare, in a stable order."""
+    return tuple(sorted({p for group in groups for p in group}))

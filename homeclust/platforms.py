@@ -1,0 +1,159 @@
+"""Platforms: all operating-system specific knowledge in one place.
+
+Steps never look at OS names.  They ask the :class:`Platform` detected from a
+host's facts: which package manager installs things, how network
+configuration is written and applied, where persistent firewall rules live and
+which service loads them at boot, which services would fight homeclust.
+
+Supported: the RHEL family (CentOS 7 with ifcfg files and the ``network``
+service; Rocky/Alma/RHEL/CentOS Stream 8 with NetworkManager reading ifcfg; 9
+with NetworkManager keyfiles) and the Debian family (Debian 11-13 with
+ifupdown; Ubuntu 20.04-24.04 with netplan).
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from homeclust.errors import FactError
+from homeclust.facts import HostFacts, OsRelease
+
+Family = Literal["debian", "rhel"]
+NetworkBackend = Literal["ifupdown", "netplan", "ifcfg", "nm-ifcfg", "nm-keyfile"]
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What homeclust needs to know about one operating system release."""
+
+    name: str  # e.g. "debian12", "ubuntu22.04", "centos7", "rocky9"
+    family: Family
+    major: int
+    package_manager: Literal["apt", "yum", "dnf"]
+    network_backend: NetworkBackend
+    #: systemd >= 243 understands a leading "-" in sysctl.d (ignore failures)
+    sysctl_dash_prefix: bool
+
+    # -- packages ---------------------------------------------------------------
+
+    def install_command(self, packages: Iterable[str]) -> str:
+        """Shell command installing ``packages`` non-interactively (keeps local config files)."""
+        names = " ".join(shlex.quote(p) for p in sorted(set(packages)))
+        if self.package_manager == "apt":
+            install = (
+                "DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
+                "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "
+                f"--no-install-recommends {names}"
+            )
+            # Try with the current package lists first: an update costs seconds and
+            # is only needed when the lists are missing or stale.
+            return f"{install} || {{ apt-get update -q && {install}; }}"
+        return f"{self.package_manager} install -y -q {names}"
+
+    @property
+    def firewall_packages(self) -> tuple[str, ...]:
+        """Packages that load the saved iptables rules at boot."""
+        if self.family == "debian":
+            return ("iptables", "iptables-persistent")
+        return ("iptables", "iptables-services")
+
+    @property
+    def firewall_preseed(self) -> str | None:
+        """Shell run before installing the firewall packages (answers install questions)."""
+        if self.family == "debian":
+            # Without this, installing iptables-persistent saves whatever rules are
+            # live at that moment; homeclust writes the file itself.
+            return (
+                "printf '%s\\n' 'iptables-persistent iptables-persistent/autosave_v4 boolean false'"
+                " 'iptables-persistent iptables-persistent/autosave_v6 boolean false'"
+                " | debconf-set-selections"
+            )
+        return None
+
+    @property
+    def firewall_rules_path(self) -> str:
+        """IPv4 rules loaded at boot (iptables-save format)."""
+        return "/etc/iptables/rules.v4" if self.family == "debian" else "/etc/sysconfig/iptables"
+
+    @property
+    def firewall_service(self) -> str:
+        return "netfilter-persistent" if self.family == "debian" else "iptables"
+
+    @property
+    def conflicting_firewall_services(self) -> tuple[str, ...]:
+        """Firewall managers that would replace homeclust's rules behind its back."""
+        return ("ufw", "firewalld") if self.family == "debian" else ("firewalld",)
+
+    # -- files ------------------------------------------------------------------
+
+    sysctl_dir = "/etc/sysctl.d"
+    modules_load_dir = "/etc/modules-load.d"
+
+    @property
+    def network_fact_paths(self) -> tuple[str, ...]:
+        """Files the network step reads to take over the existing configuration."""
+        return NETWORK_FACT_PATHS[self.network_backend]
+
+
+#: Every file, per backend, that can configure an interface.
+NETWORK_FACT_PATHS: dict[NetworkBackend, tuple[str, ...]] = {
+    "ifupdown": (
+        "/etc/network/interfaces", "/etc/network/interfaces.d/*", "/etc/dhcp/dhclient.conf",
+        "/etc/resolv.conf",
+    ),
+    "netplan": ("/etc/netplan/*.yaml", "/etc/resolv.conf"),
+    "ifcfg": ("/etc/sysconfig/network-scripts/ifcfg-*", "/etc/sysconfig/network"),
+    "nm-ifcfg": (
+        "/etc/sysconfig/network-scripts/ifcfg-*",
+        "/etc/NetworkManager/system-connections/*",
+    ),
+    "nm-keyfile": (
+        "/etc/sysconfig/network-scripts/ifcfg-*",
+        "/etc/NetworkManager/system-connections/*",
+    ),
+}
+
+ALL_NETWORK_FACT_PATHS: tuple[str, ...] = tuple(
+    sorted({p for paths in NETWORK_FACT_PATHS.values() for p in paths})
+)
+
+
+def detect(os_release: OsRelease) -> Platform:
+    """The platform of an ``/etc/os-release``; unsupported systems are a FactError."""
+    ids = (os_release.id, *os_release.id_like)
+    major = os_release.major
+    if os_release.id == "ubuntu":
+        if major < 20:
+            raise _unsupported(os_release)
+        return Platform(f"ubuntu{os_release.version_id}", "debian", major, "apt", "netplan", True)
+    if os_release.id == "debian" or (
+        "debian" in ids and os_release.id not in ("ubuntu",) and "ubuntu" not in ids
+    ):
+        if os_release.id == "debian" and major and major < 11:
+            raise _unsupported(os_release)
+        return Platform(f"debian{major or ''}", "debian", major, "apt", "ifupdown", True)
+    if any(i in ("rhel", "centos", "fedora", "rocky", "almalinux") for i in ids):
+        if major == 7:
+            # systemd 219: no "-" prefix in sysctl.d; legacy network service.
+            return Platform(f"{os_release.id}7", "rhel", 7, "yum", "ifcfg", False)
+        if major == 8:
+            return Platform(f"{os_release.id}8", "rhel", 8, "dnf", "nm-ifcfg", True)
+        if major >= 9:
+            return Platform(f"{os_release.id}{major}", "rhel", major, "dnf", "nm-keyfile", True)
+    raise _unsupported(os_release)
+
+
+def _unsupported(os_release: OsRelease) -> FactError:
+    return FactError(
+        f"unsupported operating system: {os_release.pretty_name} "
+        f"(ID={os_release.id}, VERSION_ID={os_release.version_id})",
+        hint="homeclust supports CentOS 7, Rocky/Alma/RHEL 8 and 9, Debian 11-13, "
+        "Ubuntu 20.04-24.04",
+    )
+
+
+def platform_of(facts: HostFacts) -> Platform:
+    return detect(facts.os)

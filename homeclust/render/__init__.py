@@ -1,0 +1,1 @@
+"""Pure renderers: configuration file content from the inventory (golden-file tested)."""

@@ -1,0 +1,176 @@
+"""iptables rulesets, rendered in the exact form ``iptables-save`` prints them.
+
+Rendering in canonical form means the live table read back from a host can
+be compared line by line with what homeclust wants: any difference is drift.
+
+Who owns what: the nat step owns the ``nat`` table, the firewall step the
+``filter`` table.  Each is loaded with ``iptables-restore`` of that table alone
+(the kernel swaps the whole table at once; the other tables are untouched),
+and each step replaces only its own table's section in the persistent rules
+file, so re-running one step never undoes the other -- unlike the guide, whose
+firewall section starts by flushing the NAT rules the previous section added.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from ipaddress import IPv4Network
+
+from homeclust.facts import normalize_iptables
+from homeclust.inventory import Inventory, Node
+
+#: Chains other tools manage inside our tables; ignored when comparing (fail2ban
+#: creates f2b-<jail> chains and jumps to them from INPUT).
+FOREIGN_CHAIN_PREFIXES = ("f2b-",)
+
+_BUILTIN_CHAINS = {
+    "filter": ("INPUT", "FORWARD", "OUTPUT"),
+    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+}
+
+
+def _table(name: str, policies: dict[str, str], rules: Iterable[str]) -> str:
+    lines = [f"*{name}"]
+    lines += [f":{chain} {policies.get(chain, 'ACCEPT')} [0:0]" for chain in _BUILTIN_CHAINS[name]]
+    lines += list(rules)
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _source(network: IPv4Network) -> str:
+    return "" if network.prefixlen == 0 else f"-s {network} "
+
+
+def _log(chain: str, label: str) -> str:
+    return f'-A {chain} -m limit --limit 5/min -j LOG --log-prefix "homeclust-{label}-drop: "'
+
+
+def render_nat_table(inventory: Inventory) -> str:
+    """The master's nat table: masquerade the private network out of the public side."""
+    m = inventory.master
+    return _table("nat", {}, [
+        f"-A POSTROUTING -s {inventory.cluster.private_network} -o {m.public_interface} -j MASQUERADE",
+    ])
+
+
+def render_filter_table(inventory: Inventory, node: Node) -> str:
+    """The guide's default-deny policies, corrected (see module docstring of the step)."""
+    private = inventory.cluster.private_network
+    established = "-m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    rules = [
+        "-A INPUT -i lo -j ACCEPT",
+        f"-A INPUT {established}",
+        f"-A INPUT -s {private} -i {node.private_interface} -j ACCEPT",
+    ]
+    if node.is_master:
+        m = inventory.master
+        fw = inventory.firewall
+        ssh_port = inventory.ssh.port
+        for port in fw.public_tcp_ports:
+            if port == ssh_port:
+                rules += [
+                    f"-A INPUT {_source(net)}-i {m.public_interface} -p tcp -m tcp --dport {port} "
+                    "-j ACCEPT"
+                    for net in fw.ssh_from
+                ]
+            else:
+                rules.append(f"-A INPUT -i {m.public_interface} -p tcp -m tcp --dport {port} -j ACCEPT")
+        if fw.log_dropped:
+            rules.append(_log("INPUT", "input"))
+        rules += [
+            f"-A FORWARD {established}",
+            f"-A FORWARD -s {private} -i {m.private_interface} -o {m.public_interface} -j ACCEPT",
+        ]
+        if fw.log_dropped:
+            rules.append(_log("FORWARD", "forward"))
+    elif inventory.firewall.log_dropped:
+        rules.append(_log("INPUT", "input"))
+    return _table("filter", {"INPUT": "DROP", "FORWARD": "DROP"}, rules)
+
+
+def comparable(table_text: str | None) -> str:
+    """A table as homeclust compares it: normalized, other tools' chains left out."""
+    if not table_text:
+        return ""
+    kept = []
+    for line in normalize_iptables(table_text).splitlines():
+        words = line.split()
+        if line.startswith(":") and words[0][1:].startswith(FOREIGN_CHAIN_PREFIXES):
+            continue
+        if line.startswith("-A ") and (
+            words[1].startswith(FOREIGN_CHAIN_PREFIXES)
+            or ("-j" in words and words[words.index("-j") + 1].startswith(FOREIGN_CHAIN_PREFIXES))
+        ):
+            continue
+        kept.append(line)
+    return "\n".join(kept) + "\n"
+
+
+_TABLE_START = re.compile(r"^\*(\w+)\s*$")
+
+
+def split_rules_file(text: str) -> list[tuple[str | None, str]]:
+    """Split an iptables-save file into (table or None for loose text, text) blocks."""
+    blocks: list[tuple[str | None, str]] = []
+    current: str | None = None
+    lines: list[str] = []
+    for line in text.splitlines(keepends=True):
+        match = _TABLE_START.match(line)
+        if match and current is None:
+            if lines:
+                blocks.append((None, "".join(lines)))
+            current, lines = match.group(1), [line]
+        elif current is not None:
+            lines.append(line)
+            if line.strip() == "COMMIT":
+                blocks.append((current, "".join(lines)))
+                current, lines = None, []
+        else:
+            lines.append(line)
+    if lines:
+        blocks.append((current, "".join(lines)))
+    return blocks
+
+
+def replace_table(current: str | None, table: str, rendered: str) -> str:
+    """The persistent rules file with ``table`` replaced by ``rendered``, the rest kept.
+
+    Comment lines of iptables-save (timestamps) are dropped so the file is
+    stable from run to run; tables we do not own are kept verbatim.
+    """
+    kept: dict[str, str] = {}
+    order: list[str] = []
+    for name, text in split_rules_file(current or ""):
+        if name is None:
+            continue
+        if name not in kept:
+            order.append(name)
+        body = "".join(line for line in text.splitlines(keepends=True)
+                       if not line.startswith("#"))
+        kept[name] = body if body.endswith("\n") else body + "\n"
+    if table not in kept:
+        order.append(table)
+    kept[table] = rendered
+    # filter first, then nat, then anything else, for a predictable file.
+    rank = {"filter": 0, "nat": 1}
+    order.sort(key=lambda n: rank.get(n, 2))
+    return "# Managed by homeclust (nat and firewall steps; each owns its table).\n" + "".join(
+        kept[name] for name in order
+    )
+
+
+def restore_command(rendered: str) -> str:
+    """Load one table atomically (tables not in the input are left alone)."""
+    return f"iptables-restore <<'HOMECLUST_RULES_EOF'\n{rendered}HOMECLUST_RULES_EOF"
+
+
+def chain_policy(table_text: str | None, chain: str) -> str | None:
+    for line in (table_text or "").splitlines():
+        if line.startswith(f":{chain} "):
+            return line.split()[1]
+    return None
+
+
+def chain_rules(table_text: str | None, chain: str) -> list[str]:
+    return [line for line in (table_text or "").splitlines() if line.startswith(f"-A {chain} ")]

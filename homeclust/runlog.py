@@ -1,0 +1,59 @@
+"""The per-run log: every command, its output, exit code and duration, every change.
+
+One JSON object per line in ``<state dir>/logs/<time>-<command>.jsonl`` on the
+admin machine, written as the run goes (a crash keeps what happened so far).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from homeclust.transport import CommandResult
+
+
+class RunLog:
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = path.open("a", encoding="utf-8")
+
+    @classmethod
+    def for_run(cls, state_dir: Path, command: str) -> RunLog:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return cls(state_dir / "logs" / f"{stamp}-{command}.jsonl")
+
+    def event(self, kind: str, **data: Any) -> None:
+        if self._file is None:
+            return
+        record = {"time": round(time.time(), 3), "event": kind, **data}
+        line = json.dumps(record, default=str)
+        with self._lock:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def command(self, host: str, purpose: str, script: str, result: CommandResult | None,
+                error: str | None = None) -> None:
+        self.event(
+            "command",
+            host=host,
+            purpose=purpose,
+            script=script,
+            exit_code=None if result is None else result.exit_code,
+            stdout=None if result is None else result.stdout,
+            stderr=None if result is None else result.stderr,
+            duration=None if result is None else round(result.duration, 3),
+            error=error,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None

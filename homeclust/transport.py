@@ -1,0 +1,501 @@
+"""SSH transport: one connection to the master, every worker tunnelled through it.
+
+* The master is reached directly; each worker is a ``fabric.Connection`` whose
+  ``gateway`` is the master's connection, so all worker channels are
+  multiplexed over one TCP connection (no ``MaxStartups`` trouble on the
+  master's sshd, one authentication).  The master is opened before fanning
+  out: opening a shared gateway from several threads at once is a known fabric
+  failure ("No existing session").
+* Host keys are pinned trust-on-first-use in homeclust's own known_hosts file
+  (one per cluster); a changed key is refused with a message saying how to
+  accept it deliberately.
+* Every wait is bounded: TCP connect, SSH banner, authentication, channel
+  open (paramiko's default is an hour) and each command.
+* Connecting is retried with tenacity (bounded, one log line per retry);
+  authentication failures and changed host keys are never retried.
+* Commands are shell scripts sent on stdin to ``sh -s`` (through ``sudo -n``
+  when the login user is not root), so a step's whole batch is one round trip.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import select
+import shlex
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import paramiko
+import tenacity
+from fabric import Connection
+
+from homeclust.errors import ApplyError, ConnectError, HostKeyChangedError, LockError
+from homeclust.inventory import Inventory, Node
+
+log = logging.getLogger("homeclust.ssh")
+
+KEEPALIVE_SECONDS = 15
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+    duration: float
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class Host(Protocol):
+    """A connected host: what the runner, the safety net and the checks use."""
+
+    node: Node
+
+    def run(self, script: str, *, timeout: float | None = None) -> CommandResult: ...
+
+    def hold_lock(self, path: str, owner: str) -> LockHandle: ...
+
+    def close(self) -> None: ...
+
+
+class LockHandle(Protocol):
+    def release(self) -> None: ...
+
+
+class Connector(Protocol):
+    """Opens hosts: ``open`` reuses a live connection, ``reopen`` makes a new one."""
+
+    def open(self, node: Node) -> Host: ...
+
+    def reopen(self, node: Node, *, within: float) -> Host: ...
+
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- host keys
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+class PinnedHostKeys:
+    """Trust-on-first-use host keys in homeclust's own known_hosts file.
+
+    Shared by every connection of a run; additions are serialized by a lock and
+    written atomically, so parallel workers never corrupt the file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._keys = paramiko.HostKeys()
+        if path.exists():
+            try:
+                self._keys.load(str(path))
+            except (OSError, paramiko.SSHException) as exc:
+                raise ConnectError(f"cannot read known_hosts file {path}: {exc}") from None
+
+    def install(self, client: paramiko.SSHClient, label: str) -> None:
+        """Give ``client`` our pinned keys and the trust-on-first-use policy."""
+        with self._lock:
+            for hostname, keys in self._keys.items():
+                for keytype, key in keys.items():
+                    client.get_host_keys().add(hostname, keytype, key)
+        client.set_missing_host_key_policy(_TrustOnFirstUse(self, label))
+
+    def pin(self, hostname: str, key: paramiko.PKey, label: str) -> None:
+        with self._lock:
+            if self._keys.lookup(hostname):
+                return
+            self._keys.add(hostname, key.get_name(), key)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+            self._keys.save(str(tmp))
+            os.replace(tmp, self.path)
+        log.info("pinned host key of %s (%s %s) in %s", label, key.get_name(),
+                 fingerprint(key), self.path)
+
+    def changed_error(self, label: str, hostname: str, exc: paramiko.BadHostKeyException
+                      ) -> HostKeyChangedError:
+        return HostKeyChangedError(
+            f"host key of {label} ({hostname}) has changed: pinned {exc.expected_key.get_name()} "
+            f"{fingerprint(exc.expected_key)}, offered {exc.key.get_name()} "
+            f"{fingerprint(exc.key)}; refusing to connect",
+            hint=f"if {label} was reinstalled on purpose, forget the old key with "
+            f"`ssh-keygen -R '{hostname}' -f {self.path}` and run again",
+        )
+
+
+class _TrustOnFirstUse(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]
+    def __init__(self, store: PinnedHostKeys, label: str) -> None:
+        self.store = store
+        self.label = label
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
+                         ) -> None:
+        self.store.pin(hostname, key, self.label)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, ConnectError):
+        return getattr(exc, "retryable", False)
+    return False
+
+
+class _RetryableConnectError(ConnectError):
+    retryable = True
+
+
+def describe_connect_failure(label: str, exc: BaseException, via: str | None) -> ConnectError:
+    """Turn a paramiko/socket exception into a ConnectError with a useful message."""
+    where = f"{label} (via {via})" if via else label
+    if isinstance(exc, paramiko.ChannelException):
+        if exc.code == 1:
+            return ConnectError(
+                f"{where}: the master refused to open a channel to the worker "
+                "('administratively prohibited')",
+                hint="the master's sshd has AllowTcpForwarding off; homeclust reaches the "
+                "workers through it: set `AllowTcpForwarding yes` (at least for this user) in "
+                "the master's /etc/ssh/sshd_config",
+            )
+        return _RetryableConnectError(
+            f"{where}: the master could not connect to the worker's SSH port "
+            f"({exc.text or 'connect failed'})",
+            hint="is the worker powered on, wired to the private network, and sshd running?",
+        )
+    if isinstance(exc, paramiko.AuthenticationException):
+        return ConnectError(
+            f"{where}: authentication failed ({exc})",
+            hint="check [ssh] user and key in the inventory, and that the public key is in "
+            "the host's authorized_keys",
+        )
+    if isinstance(exc, paramiko.PasswordRequiredException):
+        return ConnectError(f"{where}: the SSH key is encrypted ({exc})",
+                            hint="use an unencrypted key for automation, or decrypt it")
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return _RetryableConnectError(f"{where}: timed out connecting")
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        return _RetryableConnectError(f"{where}: {exc.strerror or exc}")
+    if isinstance(exc, (OSError, EOFError, paramiko.SSHException)):
+        return _RetryableConnectError(f"{where}: {exc or type(exc).__name__}")
+    return ConnectError(f"{where}: {type(exc).__name__}: {exc}")
+
+
+# --------------------------------------------------------------------------- hosts
+
+
+class SshHost:
+    """One authenticated SSH connection to a node (for workers: through the master)."""
+
+    def __init__(self, node: Node, connection: Connection, *, sudo: bool,
+                 command_timeout: float, channel_timeout: float) -> None:
+        self.node = node
+        self.connection = connection
+        self.sudo = sudo
+        self.command_timeout = command_timeout
+        self.channel_timeout = channel_timeout
+
+    @property
+    def transport(self) -> paramiko.Transport:
+        transport = self.connection.transport
+        if transport is None or not transport.is_active():
+            raise ConnectError(f"{self.node.name}: the SSH connection is closed")
+        return transport
+
+    def is_alive(self) -> bool:
+        transport = self.connection.transport
+        return transport is not None and bool(transport.is_active())
+
+    def _shell(self) -> str:
+        # $SSH_CONNECTION is expanded by the login shell before sudo strips the
+        # environment; scripts read it as $1 (the firewall's lockout check needs it).
+        shell = 'sh -s -- "$SSH_CONNECTION"'
+        return f"sudo -n -- {shell}" if self.sudo else shell
+
+    def run(self, script: str, *, timeout: float | None = None) -> CommandResult:
+        """Run ``script`` with ``sh -s`` on the host and wait (bounded) for it."""
+        timeout = timeout or self.command_timeout
+        start = time.monotonic()
+        try:
+            channel = self.transport.open_session(timeout=self.channel_timeout)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise ConnectError(f"{self.node.name}: cannot open a session: {exc}") from None
+        try:
+            channel.exec_command(self._shell())
+            stdout, stderr, code = _pump(channel, script.encode(), start + timeout)
+        except TimeoutError:
+            channel.close()
+            raise ApplyError(
+                f"{self.node.name}: command did not finish within {timeout:.0f} s"
+            ) from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise ConnectError(f"{self.node.name}: connection lost: {exc}") from None
+        finally:
+            channel.close()
+        text_err = stderr.decode("utf-8", "replace")
+        if self.sudo and code == 1 and "sudo:" in text_err and "password" in text_err:
+            raise ApplyError(
+                f"{self.node.name}: sudo asks for a password",
+                hint="homeclust needs passwordless sudo for the [ssh] user "
+                "(e.g. `user ALL=(ALL) NOPASSWD: ALL` in /etc/sudoers.d/), or log in as root",
+            )
+        return CommandResult(code, stdout.decode("utf-8", "replace"), text_err,
+                             time.monotonic() - start)
+
+    def hold_lock(self, path: str, owner: str) -> _ChannelLock:
+        """Take an exclusive lock on the host, held as long as a channel stays open.
+
+        ``flock`` runs in a session that waits for our stdin to close; if this
+        process dies or the connection drops, sshd closes the session and the
+        kernel releases the lock -- no stale locks.
+        """
+        info = shlex.quote(path + ".owner")
+        inner = (
+            f"printf '%s\\n' {shlex.quote(owner)} > {info}; echo LOCKED; exec cat >/dev/null"
+        )
+        command = (
+            f"flock -n -E 75 {shlex.quote(path)} sh -c {shlex.quote(inner)}; rc=$?; "
+            f"if [ $rc = 75 ]; then echo BUSY; cat {info} 2>/dev/null; fi; exit $rc"
+        )
+        if self.sudo:
+            command = f"sudo -n -- sh -c {shlex.quote(command)}"
+        channel = self.transport.open_session(timeout=self.channel_timeout)
+        channel.exec_command(command)
+        deadline = time.monotonic() + self.channel_timeout
+        data = b""
+        while not data.startswith(b"LOCKED\n"):
+            if channel.recv_ready():
+                data += channel.recv(4096)
+            elif channel.exit_status_ready():
+                while channel.recv_ready():
+                    data += channel.recv(4096)
+                break
+            elif time.monotonic() > deadline:
+                channel.close()
+                raise ConnectError(f"{self.node.name}: no answer while taking the run lock")
+            else:
+                select.select([channel], [], [], 0.05)
+        text = data.decode("utf-8", "replace")
+        if text.startswith("LOCKED"):
+            return _ChannelLock(channel)
+        channel.close()
+        if text.startswith("BUSY"):
+            holder = text.partition("\n")[2].strip() or "unknown"
+            raise LockError(
+                f"another homeclust run holds the cluster lock on {self.node.name} ({holder})",
+                hint="wait for it to finish; the lock is released when that run's SSH "
+                "connection closes",
+            )
+        raise ConnectError(f"{self.node.name}: cannot take the run lock: {text.strip()}")
+
+    def close(self) -> None:
+        try:
+            self.connection.close()
+        except Exception:  # closing a broken connection must never mask the real error
+            log.debug("error closing %s", self.node.name, exc_info=True)
+
+
+class _ChannelLock:
+    def __init__(self, channel: paramiko.Channel) -> None:
+        self.channel = channel
+
+    def release(self) -> None:
+        try:
+            self.channel.shutdown_write()
+            self.channel.close()
+        except Exception:
+            log.debug("error releasing lock", exc_info=True)
+
+
+def _pump(channel: paramiko.Channel, stdin: bytes, deadline: float
+          ) -> tuple[bytes, bytes, int]:
+    """Feed ``stdin`` and collect stdout/stderr until the command exits or the deadline."""
+    out: list[bytes] = []
+    err: list[bytes] = []
+    view = memoryview(stdin)
+    sent = 0
+    if not stdin:
+        channel.shutdown_write()
+    while True:
+        progressed = False
+        if sent < len(view) and channel.send_ready():
+            sent += channel.send(view[sent:sent + 32768])
+            progressed = True
+            if sent >= len(view):
+                channel.shutdown_write()
+        while channel.recv_ready():
+            out.append(channel.recv(65536))
+            progressed = True
+        while channel.recv_stderr_ready():
+            err.append(channel.recv_stderr(65536))
+            progressed = True
+        if channel.exit_status_ready() and not channel.recv_ready() and \
+                not channel.recv_stderr_ready():
+            # Drain anything that raced with the exit status.
+            while channel.recv_ready():
+                out.append(channel.recv(65536))
+            return b"".join(out), b"".join(err), channel.recv_exit_status()
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        if channel.closed and not channel.exit_status_ready():
+            raise EOFError("channel closed before the command finished")
+        if not progressed:
+            select.select([channel], [], [], 0.05)
+
+
+# --------------------------------------------------------------------------- connector
+
+
+RetryLogger = Callable[[str], None]
+
+
+class SshConnector:
+    """Opens and caches the run's connections; master first, workers through it."""
+
+    def __init__(self, inventory: Inventory, *, attempts: int = 3,
+                 on_retry: RetryLogger | None = None) -> None:
+        self.inventory = inventory
+        self.attempts = attempts
+        self.on_retry = on_retry or (lambda message: log.warning("%s", message))
+        self.keys = PinnedHostKeys(inventory.ssh.known_hosts)
+        self._hosts: dict[str, SshHost] = {}
+        self._lock = threading.Lock()
+        self._master_lock = threading.Lock()
+        key = inventory.ssh.key
+        if not key.exists():
+            raise ConnectError(
+                f"SSH key not found: {key}",
+                hint="set [ssh] key in the inventory to the private key that logs in to the nodes",
+            )
+
+    # -- public API -------------------------------------------------------------
+
+    def open(self, node: Node) -> SshHost:
+        with self._lock:
+            host = self._hosts.get(node.name)
+        if host is not None and host.is_alive():
+            return host
+        host = self._connect_with_retries(node, stop=tenacity.stop_after_attempt(self.attempts))
+        with self._lock:
+            self._hosts[node.name] = host
+        return host
+
+    def reopen(self, node: Node, *, within: float) -> SshHost:
+        """A brand-new connection (a new TCP connection for the master, a new channel
+        and SSH session through the master for a worker), retried for ``within`` seconds.
+
+        Used to prove a guarded change did not cut the admin off.  The new
+        connection replaces the cached one.
+        """
+        with self._lock:
+            old = self._hosts.pop(node.name, None)
+        host = self._connect_with_retries(node, stop=tenacity.stop_after_delay(max(within, 1.0)))
+        with self._lock:
+            self._hosts[node.name] = host
+        if old is not None:
+            old.close()
+            if node.is_master:
+                # Worker connections rode on the old master connection.
+                self._drop_workers()
+        return host
+
+    def close(self) -> None:
+        with self._lock:
+            hosts = list(self._hosts.values())
+            self._hosts.clear()
+        # Workers first: they tunnel through the master.
+        for host in sorted(hosts, key=lambda h: h.node.is_master):
+            host.close()
+
+    # -- internals --------------------------------------------------------------
+
+    def _drop_workers(self) -> None:
+        with self._lock:
+            workers = [h for h in self._hosts.values() if not h.node.is_master]
+            for h in workers:
+                del self._hosts[h.node.name]
+        for h in workers:
+            h.close()
+
+    def _master(self) -> SshHost:
+        # Serialize: the gateway must be open before workers fan out over it.
+        with self._master_lock:
+            return self.open(self.inventory.master_node)
+
+    def _connect_with_retries(self, node: Node, *, stop: Any) -> SshHost:
+        label = node.name
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            wait = state.next_action.sleep if state.next_action else 0
+            self.on_retry(
+                f"retrying connection to {label} in {wait:.1f} s "
+                f"(attempt {state.attempt_number + 1}): {exc}"
+            )
+
+        retrying = tenacity.Retrying(
+            stop=stop,
+            wait=tenacity.wait_exponential(multiplier=0.5, max=5),
+            retry=tenacity.retry_if_exception(_is_retryable),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        return retrying(self._connect_once, node)
+
+    def _connect_once(self, node: Node) -> SshHost:
+        ssh = self.inventory.ssh
+        address, port = self.inventory.ssh_target(node)
+        gateway: Connection | None = None
+        via: str | None = None
+        if not node.is_master:
+            master = self._master()
+            gateway = master.connection
+            via = master.node.name
+            # Bound the direct-tcpip channel open (paramiko's default: one hour).
+            master.transport.channel_timeout = ssh.connect_timeout
+        connection = Connection(
+            host=address,
+            port=port,
+            user=ssh.user,
+            gateway=gateway,
+            connect_timeout=int(max(1, ssh.connect_timeout)),
+            connect_kwargs={
+                "key_filename": str(ssh.key),
+                "look_for_keys": False,
+                "allow_agent": False,
+                "banner_timeout": ssh.connect_timeout,
+                "auth_timeout": ssh.connect_timeout,
+                "channel_timeout": ssh.connect_timeout,
+            },
+        )
+        self.keys.install(connection.client, node.name)
+        try:
+            connection.open()
+        except paramiko.BadHostKeyException as exc:
+            connection.close()
+            raise self.keys.changed_error(node.name, exc.hostname, exc) from None
+        except Exception as exc:
+            connection.close()
+            raise describe_connect_failure(node.name, exc, via) from None
+        transport = connection.transport
+        transport.set_keepalive(KEEPALIVE_SECONDS)
+        return SshHost(
+            node, connection, sudo=ssh.uses_sudo, command_timeout=ssh.command_timeout,
+            channel_timeout=ssh.connect_timeout,
+        )
