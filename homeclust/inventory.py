@@ -414,7 +414,7 @@ def parse_inventory(data: Mapping[str, Any], path: Path) -> Inventory:
 
     ssh_t = _Table(path, "ssh", data.get("ssh"))
     user = ssh_t.string("user", "root")
-    key = _resolve_path(ssh_t.string("key", "~/.ssh/id_ed25519"), base_dir)
+    key_path = _resolve_path(ssh_t.string("key", "~/.ssh/id_ed25519"), base_dir)
     known_hosts_raw = ssh_t.optional_string("known_hosts")
     ssh_port = ssh_t.integer("port", 22, minimum=1, maximum=65535)
     connect_timeout = ssh_t.number("connect_timeout", 10.0)
@@ -426,7 +426,7 @@ def parse_inventory(data: Mapping[str, Any], path: Path) -> Inventory:
         if known_hosts_raw
         else Path(state_base) / "homeclust" / cluster_name / "known_hosts"
     )
-    ssh = SshSpec(user, key, known_hosts, ssh_port, connect_timeout, command_timeout)
+    ssh = SshSpec(user, key_path, known_hosts, ssh_port, connect_timeout, command_timeout)
 
     master = _parse_master(path, data.get("master"), network, ssh_port)
     workers = _parse_workers(path, data.get("workers"), network)
