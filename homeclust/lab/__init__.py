@@ -1,0 +1,13 @@
+"""``homeclust lab``: a virtual replica of the cluster on one Linux machine.
+
+Real hosts, no VM and no Docker: one ``systemd-nspawn --boot`` container per
+node (real systemd, real sshd) over a Debian rootfs built once with
+debootstrap, wired by veths into two bridges -- the institute network and the
+private network -- in namespaces of the lab's own, with an "internet" host
+that serves DHCP, DNS, a what-is-my-address page and the package archive.
+See :class:`homeclust.lab.lab.Lab`.
+"""
+
+from homeclust.lab.lab import DownReport, Lab, LabInfo, LabStatus, NodeStatus
+
+__all__ = ["DownReport", "Lab", "LabInfo", "LabStatus", "NodeStatus"]

@@ -1,0 +1,713 @@
+"""The :class:`Lab`: a virtual replica of an inventory's cluster on this machine.
+
+``Lab(inventory).up()`` builds (or reuses) the rootfs, wires the lab's
+namespaces, starts the institute network's services and boots one
+systemd-nspawn container per node; ``down()`` removes every namespace, mount
+and process the lab created -- also when ``up`` crashed half-way, because
+every name is derived from the cluster name and every process is recorded
+(PID + start time) the moment it starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from homeclust.errors import HomeclustError, LabError
+from homeclust.inventory import Inventory, load_inventory
+from homeclust.lab import nodes as lab_nodes
+from homeclust.lab import render
+from homeclust.lab.network import create_network, delete_network
+from homeclust.lab.plan import (
+    CACHE_ROOT,
+    STATE_ROOT,
+    LabPlan,
+    choose_institute_network,
+    default_ssh_port,
+    make_plan,
+    namespaces_for,
+    state_dir_for,
+)
+from homeclust.lab.rootfs import ensure_rootfs
+from homeclust.lab.services import Service, lab_services
+from homeclust.lab.state import LabPaths, LabState
+from homeclust.lab.system import (
+    end_all,
+    in_netns,
+    is_running,
+    missing_tools,
+    mounts_under,
+    netns_exists,
+    netns_inode,
+    processes_in_netns,
+    processes_mentioning,
+    read_pidfile,
+    remove_tree,
+    run,
+    spawn,
+    unmount,
+)
+
+Progress = Callable[[str], None]
+
+READY_TIMEOUT = 120.0
+# Each node's systemd takes several inotify instances; the kernel default (128)
+# runs out around the 25th container ("Too many open files").
+INOTIFY_PER_NODE = 10
+INOTIFY_BASE = 64
+INOTIFY_SYSCTL = Path("/proc/sys/fs/inotify/max_user_instances")
+
+# Runs inside a node's network namespace: is sshd answering on this address?
+_SSH_BANNER_PROBE = (
+    "import socket,sys\n"
+    "s=socket.create_connection((sys.argv[1],22),timeout=2)\n"
+    "s.settimeout(2)\n"
+    "sys.exit(0 if s.recv(64).startswith(b'SSH-') else 1)\n"
+)
+
+_NODE_ENV = ("env", "-i", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+             "HOME=/root", "LANG=C.UTF-8", "TERM=dumb", "DEBIAN_FRONTEND=noninteractive")
+
+
+@dataclass(frozen=True)
+class LabInfo:
+    """What ``up`` built and how to use it."""
+
+    cluster: str
+    inventory_path: Path
+    ssh_port: int
+    admin_key: Path
+    known_hosts: Path
+    institute_network: IPv4Network
+    internet_address: IPv4Address
+    admin_address: IPv4Address
+    master_public_address: IPv4Address
+    nodes: tuple[str, ...]
+    elapsed: float  # seconds for the whole ``up``, rootfs build included
+    rootfs_seconds: float  # seconds spent building the rootfs (0 when it was cached)
+    already_up: bool = False
+
+    @property
+    def rootfs_built(self) -> bool:
+        return self.rootfs_seconds > 0
+
+    def summary(self) -> str:
+        verb = "already up" if self.already_up else f"{len(self.nodes)} nodes in {self.elapsed:.1f} s"
+        cached = (f" (of which {self.rootfs_seconds:.0f} s building the rootfs, once)"
+                  if self.rootfs_built else "")
+        inv = self.inventory_path
+        return "\n".join([
+            f"lab up: {verb}{cached}",
+            f"  cluster          {self.cluster}: {', '.join(self.nodes)}",
+            f"  institute net    {self.institute_network}  internet host {self.internet_address}, "
+            f"admin host {self.admin_address}, master {self.master_public_address} (DHCP)",
+            f"  master SSH       127.0.0.1:{self.ssh_port} (forwarded to {self.master_public_address}:22;"
+            " workers only through the master)",
+            f"  lab inventory    {inv}",
+            "",
+            "Use it:",
+            f"  homeclust -i {inv} up",
+            f"  homeclust -i {inv} check",
+            "  homeclust lab ssh NODE        # a shell on a node (workers via the master)",
+            "  homeclust lab status | reboot NODE | stop NODE | start NODE | reset NODE",
+            "  homeclust lab down            # remove everything the lab created",
+        ])
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    name: str
+    role: str
+    running: bool
+    pid: int | None
+
+
+@dataclass(frozen=True)
+class LabStatus:
+    cluster: str
+    phase: str  # "down", "starting", "up"
+    nodes: tuple[NodeStatus, ...] = ()
+    services: tuple[tuple[str, str, bool], ...] = ()  # (name, where, running)
+    namespaces: tuple[tuple[str, bool], ...] = ()
+    inventory_path: Path | None = None
+    ssh_port: int | None = None
+
+    def describe(self) -> str:
+        if self.phase == "down":
+            return f"lab {self.cluster}: down"
+        lines = [f"lab {self.cluster}: {self.phase}"]
+        if self.inventory_path:
+            lines.append(f"  inventory  {self.inventory_path}")
+        if self.ssh_port:
+            lines.append(f"  master SSH 127.0.0.1:{self.ssh_port}")
+        lines.append("  nodes:")
+        for node in self.nodes:
+            state = f"running (init pid {node.pid})" if node.running else "stopped"
+            lines.append(f"    {node.name:<16} {node.role:<7} {state}")
+        lines.append("  services:")
+        for name, where, running in self.services:
+            lines.append(f"    {name:<18} {where:<24} {'running' if running else 'NOT RUNNING'}")
+        lines.append("  namespaces:")
+        for name, exists in self.namespaces:
+            lines.append(f"    {name:<24} {'present' if exists else 'MISSING'}")
+        return "\n".join(lines)
+
+
+@dataclass
+class DownReport:
+    nodes_stopped: list[str] = field(default_factory=list)
+    processes_ended: int = 0
+    namespaces_removed: list[str] = field(default_factory=list)
+    mounts_removed: int = 0
+    elapsed: float = 0.0
+
+    def summary(self) -> str:
+        if not (self.nodes_stopped or self.processes_ended or self.namespaces_removed
+                or self.mounts_removed):
+            return f"lab down: nothing was up ({self.elapsed:.1f} s)"
+        return (
+            f"lab down: stopped {len(self.nodes_stopped)} nodes, ended {self.processes_ended} "
+            f"other processes, removed {len(self.namespaces_removed)} namespaces and "
+            f"{self.mounts_removed} mounts in {self.elapsed:.1f} s"
+        )
+
+
+class Lab:
+    """One cluster's lab.  Build it from an inventory path, or from the lab state."""
+
+    def __init__(
+        self,
+        inventory_path: str | os.PathLike[str],
+        *,
+        state_root: Path = STATE_ROOT,
+        cache_root: Path = CACHE_ROOT,
+        progress: Progress | None = None,
+    ) -> None:
+        self.source_path = Path(inventory_path).resolve()
+        inventory = load_inventory(self.source_path)
+        self._init(inventory.cluster.name, state_root, cache_root, progress)
+        self._given_inventory: Inventory | None = inventory
+
+    @classmethod
+    def from_state(
+        cls,
+        cluster: str,
+        *,
+        state_root: Path = STATE_ROOT,
+        cache_root: Path = CACHE_ROOT,
+        progress: Progress | None = None,
+    ) -> Lab:
+        """The lab of ``cluster`` as recorded on this machine (e.g. for ``down`` after a crash)."""
+        lab = cls.__new__(cls)
+        lab._init(cluster, state_root, cache_root, progress)
+        lab._given_inventory = None
+        lab.source_path = lab.paths.source_inventory
+        return lab
+
+    def _init(
+        self, cluster: str, state_root: Path, cache_root: Path, progress: Progress | None
+    ) -> None:
+        self.cluster = cluster
+        self.state_root = state_root
+        self.cache_root = cache_root
+        self.paths = LabPaths(state_dir_for(cluster, state_root))
+        self.progress: Progress = progress or (lambda _msg: None)
+
+    # ------------------------------------------------------------------
+    # Properties
+    # ------------------------------------------------------------------
+
+    @property
+    def inventory_path(self) -> Path:
+        """The lab inventory (written by ``up``): point homeclust at this file."""
+        return self.paths.inventory
+
+    @property
+    def admin_key_path(self) -> Path:
+        return self.paths.admin_key
+
+    @property
+    def known_hosts_path(self) -> Path:
+        return self.paths.known_hosts
+
+    @property
+    def internet_address(self) -> IPv4Address:
+        return self.plan.internet_address
+
+    @property
+    def master_public_address(self) -> IPv4Address:
+        return self.plan.master_public_address
+
+    @property
+    def admin_address(self) -> IPv4Address:
+        return self.plan.admin_address
+
+    @property
+    def ssh_port(self) -> int:
+        return self.plan.ssh_port
+
+    @property
+    def whoami_url(self) -> str:
+        return self.plan.whoami_url
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        return tuple(node.name for node in self.plan.nodes)
+
+    @property
+    def plan(self) -> LabPlan:
+        """The plan of the lab that is up (LabError when there is none)."""
+        state = self._state()
+        if state is None:
+            raise LabError(f"the lab of cluster {self.cluster} is not up",
+                           hint="homeclust lab up")
+        return make_plan(self._recorded_inventory(), state.network, state.ssh_port,
+                         self.state_root)
+
+    def _state(self) -> LabState | None:
+        return LabState.load(self.paths)
+
+    def _recorded_inventory(self) -> Inventory:
+        if self.paths.source_inventory.exists():
+            return load_inventory(self.paths.source_inventory)
+        if self._given_inventory is not None:
+            return self._given_inventory
+        raise LabError(f"no inventory recorded for the lab of cluster {self.cluster}")
+
+    # ------------------------------------------------------------------
+    # up / down
+    # ------------------------------------------------------------------
+
+    def up(self, *, ready_timeout: float = READY_TIMEOUT) -> LabInfo:
+        """Bring the lab up: every node booted and answering SSH.  Idempotent."""
+        started = time.monotonic()
+        self._preflight()
+        if self._given_inventory is None:
+            raise LabError("lab up needs an inventory", hint="homeclust -i INVENTORY lab up")
+        state = self._state()
+        if state is not None:
+            return self._resume(state, started, ready_timeout)
+        leftovers = [ns for ns in namespaces_for(self.cluster) if netns_exists(ns)]
+        if leftovers:
+            raise LabError(
+                f"namespaces of an earlier lab are still there: {', '.join(leftovers)}",
+                hint="homeclust lab down",
+            )
+
+        inventory = self._given_inventory
+        network = choose_institute_network(inventory.cluster.private_network, host_networks())
+        plan = make_plan(inventory, network, self._free_port(), self.state_root)
+        rootfs, built = ensure_rootfs(cache_root=self.cache_root, progress=self.progress)
+        rootfs_seconds = time.monotonic() - started if built else 0.0
+
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.source_path, self.paths.source_inventory)
+        LabState(
+            cluster=self.cluster, source_inventory=str(self.source_path),
+            institute_network=str(plan.institute_network), ssh_port=plan.ssh_port,
+            rootfs=str(rootfs), phase="starting",
+        ).save(self.paths)
+        try:
+            self._build(plan, rootfs, ready_timeout)
+        except BaseException:
+            self.progress(f"lab up failed: removing what was created (logs kept in {self.paths.logs})")
+            try:
+                self.down()
+            except HomeclustError as exc:
+                self.progress(f"cleaning up failed too: {exc}")
+            raise
+        state = self._state()
+        assert state is not None
+        dataclasses.replace(state, phase="up").save(self.paths)
+        return self._info(plan, time.monotonic() - started, rootfs_seconds)
+
+    def _build(self, plan: LabPlan, rootfs: Path, ready_timeout: float) -> None:
+        self._raise_inotify_limit(len(plan.nodes))
+        for directory in (self.paths.run, self.paths.logs, self.paths.nodes):
+            directory.mkdir(parents=True, exist_ok=True)
+        self._ensure_admin_key()
+        self.paths.known_hosts.write_text("")  # new nodes, new host keys
+
+        create_network(plan)
+        self.paths.dnsmasq_conf.write_text(render.render_dnsmasq_conf(
+            plan, self.paths.dnsmasq_leases, self.paths.log("dnsmasq-queries")))
+        self.paths.dnsmasq_leases.write_text("")
+        for service in lab_services(plan, self.paths):
+            spawn(service.argv, self.paths.log(service.name), self.paths.pidfile(service.name),
+                  cwd=Path("/"))
+
+        public_key = self.paths.admin_key.with_suffix(".pub").read_text()
+        for node in plan.nodes:
+            node_paths = self.paths.node(node.name)
+            lab_nodes.wipe_disk(node_paths)
+            lab_nodes.mount_disk(node_paths, rootfs)
+            lab_nodes.write_first_boot_files(plan, node, node_paths.merged, public_key)
+            lab_nodes.power_on(plan, node, self.paths)
+
+        self._wait_ready(plan, [n.name for n in plan.nodes], ready_timeout)
+        self._check_services(plan)
+        self._write_lab_inventory(plan)
+
+    def _resume(self, state: LabState, started: float, ready_timeout: float) -> LabInfo:
+        """``up`` on a lab that exists: start what is stopped, or say it is broken."""
+        plan = self.plan
+        broken = [ns for ns in plan.namespaces if not netns_exists(ns)]
+        broken += [s.name for s in lab_services(plan, self.paths)
+                   if not is_running(read_pidfile(self.paths.pidfile(s.name)))]
+        if state.phase != "up" or broken:
+            what = ", ".join(broken) if broken else "it never finished starting"
+            raise LabError(
+                f"the lab of cluster {self.cluster} is partly up ({what})",
+                hint="homeclust lab down, then homeclust lab up",
+            )
+        stopped = [n.name for n in plan.nodes
+                   if not lab_nodes.is_node_running(self.paths.node(n.name))]
+        for name in stopped:
+            self._power_on(plan, name)
+        if stopped:
+            self._wait_ready(plan, stopped, ready_timeout)
+        if self._given_inventory is not None and self.source_path != self.paths.source_inventory:
+            recorded = self.paths.source_inventory.read_bytes()
+            if self.source_path.exists() and self.source_path.read_bytes() != recorded:
+                self.progress("note: the inventory changed since this lab was built; "
+                              "run `homeclust lab down` and `lab up` to rebuild it")
+        return self._info(plan, time.monotonic() - started, 0.0, already_up=not stopped)
+
+    def down(self) -> DownReport:
+        """Remove every namespace, mount and process of this lab.  Idempotent, crash-safe."""
+        started = time.monotonic()
+        report = DownReport()
+        namespaces = namespaces_for(self.cluster)
+        inodes = {i for i in (netns_inode(ns) for ns in namespaces) if i is not None}
+
+        node_dirs = sorted(self.paths.nodes.iterdir()) if self.paths.nodes.exists() else []
+        report.nodes_stopped = lab_nodes.power_off(
+            [(d.name, self.paths.node(d.name)) for d in node_dirs])
+
+        pidfiles = sorted(self.paths.run.glob("*.pid")) if self.paths.run.exists() else []
+        report.processes_ended += end_all([read_pidfile(p) for p in pidfiles], timeout=5.0)
+        # Anything the PID files missed (a crash between start and record):
+        # processes inside our namespaces, or naming our state directory.
+        programs = {"socat", "dnsmasq", "systemd-nspawn", "nsenter",
+                    os.path.basename(sys.executable), "python", "python3"}
+        strays = processes_in_netns(inodes) + processes_mentioning(str(self.paths.root), programs)
+        strays = [p for p in {p.pid: p for p in strays}.values() if p.pid != os.getpid()]
+        report.processes_ended += end_all(strays)
+
+        for mount in mounts_under(self.paths.root):
+            unmount(mount)
+            report.mounts_removed += 1
+        present = [ns for ns in namespaces if netns_exists(ns)]
+        delete_network(namespaces)
+        report.namespaces_removed = present
+
+        for directory in (self.paths.nodes, self.paths.run):
+            remove_tree(directory)
+        for file in (self.paths.inventory, self.paths.known_hosts, self.paths.state_file):
+            file.unlink(missing_ok=True)
+        self.paths.source_inventory.unlink(missing_ok=True)
+        report.elapsed = time.monotonic() - started
+        return report
+
+    # ------------------------------------------------------------------
+    # Per-node power
+    # ------------------------------------------------------------------
+
+    def status(self) -> LabStatus:
+        state = self._state()
+        if state is None:
+            return LabStatus(cluster=self.cluster, phase="down")
+        plan = self.plan
+        node_states = []
+        for node in plan.nodes:
+            node_paths = self.paths.node(node.name)
+            running = lab_nodes.is_node_running(node_paths)
+            leader = read_pidfile(node_paths.leader_pid) if running else None
+            node_states.append(NodeStatus(node.name, node.role, running,
+                                          leader.pid if leader and is_running(leader) else None))
+        services = tuple(
+            (s.name, s.where, is_running(read_pidfile(self.paths.pidfile(s.name))))
+            for s in lab_services(plan, self.paths)
+        )
+        return LabStatus(
+            cluster=self.cluster, phase=state.phase, nodes=tuple(node_states),
+            services=services,
+            namespaces=tuple((ns, netns_exists(ns)) for ns in plan.namespaces),
+            inventory_path=self.paths.inventory if self.paths.inventory.exists() else None,
+            ssh_port=plan.ssh_port,
+        )
+
+    def stop(self, node: str) -> None:
+        """Power a node off (clean shutdown); its disk is kept."""
+        plan = self.plan
+        plan.node(node)
+        lab_nodes.power_off([(node, self.paths.node(node))])
+
+    def start(self, node: str, *, timeout: float = READY_TIMEOUT) -> None:
+        """Power a node on and wait until its SSH answers."""
+        plan = self.plan
+        plan.node(node)
+        self._power_on(plan, node)
+        self.wait_ssh(node, timeout=timeout)
+
+    def reboot(self, node: str, *, timeout: float = READY_TIMEOUT) -> None:
+        """Stop and start a node: its files survive, like a real reboot."""
+        self.stop(node)
+        self.start(node, timeout=timeout)
+
+    def reset(self, node: str, *, timeout: float = READY_TIMEOUT) -> None:
+        """Make a node pristine again: stop it, wipe its disk, boot it fresh."""
+        plan = self.plan
+        lab_node = plan.node(node)
+        node_paths = self.paths.node(node)
+        lab_nodes.power_off([(node, node_paths)])
+        lab_nodes.wipe_disk(node_paths)
+        self._forget_host_keys(plan, node)
+        lab_nodes.mount_disk(node_paths, self._rootfs())
+        lab_nodes.write_first_boot_files(
+            plan, lab_node, node_paths.merged, self.paths.admin_key.with_suffix(".pub").read_text())
+        lab_nodes.power_on(plan, lab_node, self.paths)
+        self.wait_ssh(node, timeout=timeout)
+
+    def _power_on(self, plan: LabPlan, node: str) -> None:
+        node_paths = self.paths.node(node)
+        lab_nodes.mount_disk(node_paths, self._rootfs())
+        lab_nodes.power_on(plan, plan.node(node), self.paths)
+
+    def _rootfs(self) -> Path:
+        state = self._state()
+        assert state is not None
+        return Path(state.rootfs)
+
+    # ------------------------------------------------------------------
+    # Looking inside (for tests and the demo)
+    # ------------------------------------------------------------------
+
+    def exec(
+        self,
+        node: str,
+        argv: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = 60.0,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` as root inside ``node`` (all its namespaces), without SSH."""
+        self.plan.node(node)
+        pid = lab_nodes.leader_pid(node, self.paths.node(node))
+        command = ["nsenter", "-t", str(pid), "-m", "-u", "-i", "-n", "-p", "-C", "-r", "-w",
+                   "--", *_NODE_ENV, *argv]
+        return run(command, check=check, timeout=timeout, input=input)
+
+    def exec_internet(
+        self, argv: Sequence[str], *, check: bool = True, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command of this machine inside the internet host's namespace."""
+        return run(in_netns(self.plan.internet_netns, argv), check=check, timeout=timeout)
+
+    def exec_admin(
+        self, argv: Sequence[str], *, check: bool = True, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command of this machine inside the admin host's namespace."""
+        return run(in_netns(self.plan.admin_netns, argv), check=check, timeout=timeout)
+
+    def dhcp_leases(self) -> list[render.DhcpLease]:
+        """The institute DHCP server's leases (with the client id each client sent)."""
+        try:
+            return render.parse_dnsmasq_leases(self.paths.dnsmasq_leases.read_text())
+        except FileNotFoundError:
+            return []
+
+    def wait_ssh(self, node: str, *, timeout: float = READY_TIMEOUT) -> None:
+        """Wait until ``node``'s sshd answers (the master: through the admin's forward)."""
+        plan = self.plan
+        lab_node = plan.node(node)
+        node_paths = self.paths.node(node)
+        deadline = time.monotonic() + timeout
+        while True:
+            if not lab_nodes.is_node_running(node_paths):
+                raise LabError(
+                    f"lab node {node} stopped while booting",
+                    hint=f"see its console log: {self.paths.log(node)}",
+                )
+            if self._ssh_answers(plan, lab_node.name, lab_node.role == "master"):
+                return
+            if time.monotonic() > deadline:
+                raise LabError(
+                    f"lab node {node} did not answer SSH within {timeout:g} s",
+                    hint=f"see its console log: {self.paths.log(node)}",
+                )
+            time.sleep(0.2)
+
+    def _ssh_answers(self, plan: LabPlan, node: str, is_master: bool) -> bool:
+        if is_master:
+            return ssh_banner(("127.0.0.1", plan.ssh_port))
+        try:
+            pid = lab_nodes.leader_pid(node, self.paths.node(node))
+        except LabError:
+            return False
+        address = str(plan.node(node).private_address.ip)
+        probe = ["nsenter", "-t", str(pid), "-n", "--", sys.executable, "-c",
+                 _SSH_BANNER_PROBE, address]
+        return run(probe, check=False, timeout=10).returncode == 0
+
+    # ------------------------------------------------------------------
+    # Helpers
+    # ------------------------------------------------------------------
+
+    def _wait_ready(self, plan: LabPlan, names: list[str], timeout: float) -> None:
+        with ThreadPoolExecutor(max_workers=min(16, len(names))) as pool:
+            futures = [pool.submit(self.wait_ssh, name, timeout=timeout) for name in names]
+            for future in futures:
+                future.result()
+
+    def _check_services(self, plan: LabPlan) -> None:
+        for service in lab_services(plan, self.paths):
+            if not is_running(read_pidfile(self.paths.pidfile(service.name))):
+                raise _service_died(service, self.paths.log(service.name))
+
+    def _preflight(self) -> None:
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root (namespaces, mounts, containers)",
+                           hint="run as root, e.g. sudo homeclust lab up")
+        missing = missing_tools()
+        if missing:
+            raise LabError(f"missing tools: {', '.join(missing)}",
+                           hint="run scripts/setup (installs systemd-container, debootstrap, "
+                                "dnsmasq-base, socat, iproute2, iptables)")
+
+    def _free_port(self) -> int:
+        first = default_ssh_port(self.cluster)
+        for port in range(first, first + 200):
+            if port_free(port):
+                return port
+        raise LabError(f"no free loopback port in {first}-{first + 199} for the master's SSH")
+
+    def _raise_inotify_limit(self, nodes: int) -> None:
+        running_elsewhere = _running_containers()
+        needed = INOTIFY_BASE + INOTIFY_PER_NODE * (nodes + running_elsewhere)
+        try:
+            current = int(INOTIFY_SYSCTL.read_text())
+        except (OSError, ValueError):
+            return
+        if current < needed:
+            INOTIFY_SYSCTL.write_text(f"{needed}\n")
+            self.progress(f"raised fs.inotify.max_user_instances from {current} to {needed} "
+                          "(each node's systemd needs several)")
+
+    def _ensure_admin_key(self) -> None:
+        key = self.paths.admin_key
+        if key.exists() and key.with_suffix(".pub").exists():
+            return
+        key.unlink(missing_ok=True)
+        key.with_suffix(".pub").unlink(missing_ok=True)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+             f"homeclust-lab-{self.cluster}", "-f", str(key)])
+
+    def _write_lab_inventory(self, plan: LabPlan) -> None:
+        with open(self.paths.source_inventory, "rb") as source:
+            raw: dict[str, Any] = tomllib.load(source)
+        data = render.render_lab_inventory(raw, plan, self.paths.admin_key,
+                                           self.paths.known_hosts)
+        header = (
+            f"# homeclust lab inventory for cluster {plan.cluster!r}, written by "
+            "`homeclust lab up`.\n"
+            f"# Generated from {self.source_path}; the master is reached through the lab's\n"
+            "# loopback forward. Removed by `homeclust lab down`.\n\n"
+        )
+        self.paths.inventory.write_text(header + tomli_w.dumps(data))
+        load_inventory(self.paths.inventory)  # the lab's inventory must itself be valid
+
+    def _forget_host_keys(self, plan: LabPlan, node: str) -> None:
+        if not self.paths.known_hosts.exists():
+            return
+        lab_node = plan.node(node)
+        hosts = {node, str(lab_node.private_address.ip)}
+        if lab_node.role == "master":
+            hosts |= {render.known_hosts_patterns("127.0.0.1", plan.ssh_port),
+                      str(plan.master_public_address), *plan.master_public_names}
+        text = self.paths.known_hosts.read_text()
+        self.paths.known_hosts.write_text(render.forget_known_hosts(text, hosts))
+
+    def _info(self, plan: LabPlan, elapsed: float, rootfs_seconds: float, *,
+              already_up: bool = False) -> LabInfo:
+        return LabInfo(
+            cluster=plan.cluster, inventory_path=self.paths.inventory, ssh_port=plan.ssh_port,
+            admin_key=self.paths.admin_key, known_hosts=self.paths.known_hosts,
+            institute_network=plan.institute_network, internet_address=plan.internet_address,
+            admin_address=plan.admin_address, master_public_address=plan.master_public_address,
+            nodes=tuple(n.name for n in plan.nodes), elapsed=elapsed, rootfs_seconds=rootfs_seconds,
+            already_up=already_up,
+        )
+
+
+def _service_died(service: Service, log: Path) -> LabError:
+    try:
+        tail = "\n".join(log.read_text().strip().splitlines()[-10:])
+    except OSError:
+        tail = ""
+    return LabError(f"lab service {service.name} ({service.where}) is not running"
+                    + (f"; its log says:\n{tail}" if tail else ""), hint=f"log: {log}")
+
+
+def _running_containers() -> int:
+    propagate = Path("/run/systemd/nspawn/propagate")
+    try:
+        return len(list(propagate.iterdir()))
+    except OSError:
+        return 0
+
+
+def ssh_banner(address: tuple[str, int], timeout: float = 2.0) -> bool:
+    """True if an SSH server answers at ``address`` (reads its banner, sends nothing)."""
+    try:
+        with socket.create_connection(address, timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            return conn.recv(64).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def host_networks() -> list[IPv4Network]:
+    """This machine's own IPv4 networks (read only), which the lab must not overlap."""
+    networks: list[IPv4Network] = []
+    addrs = run(["ip", "-4", "-o", "addr", "show"], check=False).stdout
+    for match in re.finditer(r"\binet (\d+\.\d+\.\d+\.\d+/\d+)", addrs):
+        net = IPv4Network(match.group(1), strict=False)
+        if not net.is_loopback:
+            networks.append(net)
+    routes = run(["ip", "-4", "route", "show"], check=False).stdout
+    for line in routes.splitlines():
+        first = line.split()[0] if line.split() else ""
+        if first and first != "default":
+            try:
+                networks.append(IPv4Network(first if "/" in first else f"{first}/32",
+                                            strict=False))
+            except ValueError:
+                continue
+    return networks

@@ -1,0 +1,184 @@
+"""The nodes' Debian root filesystem: built once with debootstrap, cached by recipe.
+
+The cache directory is named after a hash of the recipe (suite, mirror,
+packages, the files written into it and :data:`RECIPE_VERSION`), so changing
+any of them builds a new rootfs.  A build happens in a temporary directory
+that is renamed into place only when complete: an interrupted build never
+leaves a half-made rootfs that looks usable.
+
+The image is what a fresh minimal server install would be -- systemd,
+openssh-server, iproute2, iptables, ifupdown + isc-dhcp-client, apt -- and
+nothing that homeclust's steps install (no nginx, openmpi, slurm, fail2ban,
+iptables-persistent).  Per-node files (hostname, network config, authorized
+keys, machine id) are written into each node's overlay, not here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from homeclust.errors import LabError
+from homeclust.lab import render
+from homeclust.lab.plan import CACHE_ROOT
+from homeclust.lab.system import mount_points, run
+
+#: Bump when the build procedure changes in a way the recipe fields do not show.
+RECIPE_VERSION = 1
+
+BASE_PACKAGES = (
+    "systemd", "systemd-sysv", "dbus",
+    "openssh-server", "openssh-sftp-server",  # sftp: what a Debian install brings along
+    "iproute2", "iptables", "ifupdown", "isc-dhcp-client",
+    "procps", "iputils-ping", "netcat-openbsd", "ca-certificates", "sudo",
+    "netbase", "less", "kmod", "apt-utils",
+)
+
+# Every node makes its own SSH host keys at first boot: debootstrap copied the
+# build machine's, and Debian's ssh.service does not create missing ones.
+SSH_HOSTKEYS_UNIT = """\
+[Unit]
+Description=Generate this machine's SSH host keys (first boot)
+Before=ssh.service
+ConditionPathExists=!/etc/ssh/ssh_host_ed25519_key
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+
+[Install]
+WantedBy=multi-user.target ssh.service
+"""
+
+RECIPE_MARKER = ".homeclust-lab-recipe.json"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    suite: str = "bookworm"
+    mirror: str = "http://deb.debian.org/debian"
+    variant: str = "minbase"
+    packages: tuple[str, ...] = BASE_PACKAGES
+    files: dict[str, str] = field(default_factory=lambda: dict(recipe_files("bookworm")))
+    version: int = RECIPE_VERSION
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that decides the rootfs's content."""
+        canonical = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def recipe_files(suite: str) -> dict[str, str]:
+    """Files written into the rootfs after debootstrap, path -> content."""
+    return {
+        "etc/apt/sources.list": render.render_sources_list(suite),
+        "etc/apt/apt.conf.d/99homeclust-lab": render.APT_LAB_CONF,
+        "etc/systemd/system/ssh-hostkeys.service": SSH_HOSTKEYS_UNIT,
+        "etc/hostname": "localhost\n",
+        "etc/machine-id": "",
+        "etc/fstab": "# <file system> <mount point> <type> <options> <dump> <pass>\n",
+    }
+
+
+def rootfs_path(recipe: Recipe, cache_root: Path = CACHE_ROOT) -> Path:
+    return cache_root / f"rootfs-{recipe.fingerprint()}"
+
+
+@contextlib.contextmanager
+def _build_lock(cache_root: Path) -> Iterator[None]:
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with open(cache_root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def ensure_rootfs(
+    recipe: Recipe | None = None,
+    cache_root: Path = CACHE_ROOT,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> tuple[Path, bool]:
+    """The cached rootfs for ``recipe``, built first if needed.  Returns (path, built)."""
+    recipe = recipe or Recipe()
+    target = rootfs_path(recipe, cache_root)
+    if (target / RECIPE_MARKER).exists():
+        return target, False
+    with _build_lock(cache_root):
+        if (target / RECIPE_MARKER).exists():  # another process built it meanwhile
+            return target, False
+        _remove_stale(cache_root, keep=target)
+        started = time.monotonic()
+        progress(f"building the node rootfs with debootstrap ({recipe.suite}); "
+                 "once only, about a minute")
+        tmp = cache_root / f"{target.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        log = cache_root / f"{target.name}.build.log"
+        try:
+            _debootstrap(recipe, tmp, log)
+            _customize(recipe, tmp)
+            (tmp / RECIPE_MARKER).write_text(json.dumps(asdict(recipe), indent=2) + "\n")
+            tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        progress(f"rootfs ready in {time.monotonic() - started:.0f} s: {target}")
+        return target, True
+
+
+def _debootstrap(recipe: Recipe, target: Path, log: Path) -> None:
+    argv = [
+        "debootstrap", f"--variant={recipe.variant}", f"--include={','.join(recipe.packages)}",
+        "--components=main", recipe.suite, str(target), recipe.mirror,
+    ]
+    result = run(argv, check=False, timeout=1800)
+    log.write_text(result.stdout + result.stderr)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
+        raise LabError(
+            f"debootstrap failed (exit {result.returncode}); full log: {log}\n{tail}",
+            hint=f"is {recipe.mirror} reachable from this machine?",
+        )
+
+
+def _customize(recipe: Recipe, root: Path) -> None:
+    # Host keys and identity that debootstrap copied from the build machine.
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    for path in ("etc/resolv.conf", "var/lib/dbus/machine-id"):
+        with contextlib.suppress(FileNotFoundError):
+            (root / path).unlink()
+    for relative, content in recipe.files.items():
+        target = root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(content)
+    for wants in ("multi-user.target.wants", "ssh.service.wants"):
+        link = root / "etc/systemd/system" / wants / "ssh-hostkeys.service"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.is_symlink():
+            link.symlink_to("/etc/systemd/system/ssh-hostkeys.service")
+    # debootstrap leaves the downloaded .debs behind; a fresh install has none.
+    for deb in (root / "var/cache/apt/archives").glob("*.deb"):
+        deb.unlink()
+
+
+def _remove_stale(cache_root: Path, keep: Path) -> None:
+    """Drop interrupted builds and rootfs of older recipes that no running lab uses."""
+    in_use = "\n".join(str(p) for p in mount_points())
+    mountinfo = Path("/proc/self/mountinfo").read_text()
+    for entry in cache_root.iterdir():
+        if entry == keep or not entry.is_dir() or not entry.name.startswith("rootfs-"):
+            continue
+        if str(entry) in in_use or str(entry) in mountinfo:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
