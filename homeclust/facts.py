@@ -214,7 +214,9 @@ sec files
 for f in {path_words}; do
   [ -f "$f" ] || continue
   size=$(wc -c < "$f")
-  printf 'F\\t%s\\t%s\\t%s\\n' "$f" "$(stat -c '%a\\t%U\\t%G' "$f")" "$(sha256sum < "$f" | cut -c1-64)"
+  # stat -c does not expand backslash escapes (only --printf does): tabs come from tr.
+  printf 'F\\t%s\\t%s\\t%s\\n' "$f" "$(stat -c '%a %U %G' "$f" | tr ' ' '\\t')" \\
+    "$(sha256sum < "$f" | cut -c1-64)"
   if [ "$size" -le {MAX_FILE_CONTENT} ]; then base64 < "$f" | tr -d '\\n'; else printf -- -; fi
   printf '\\n'
 done
