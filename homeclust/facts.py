@@ -307,7 +307,11 @@ def parse_os_release(text: str) -> OsRelease:
     )
 
 
-_LINK_RE = re.compile(r"^\d+:\s+([^:@\s]+)(?:@[^:\s]+)?:\s+<([^>]*)>.*?(?:link/\S+\s+([0-9a-f:]{17}))?")
+# The MAC group is optional as a whole, so the lazy ".*?" inside it must reach "link/":
+# an optional group *after* a lazy ".*?" never matches (the regex succeeds earlier).
+_LINK_RE = re.compile(
+    r"^\d+:\s+([^:@\s]+)(?:@[^:\s]+)?:\s+<([^>]*)>(?:.*?link/\S+\s+([0-9a-f:]{17}))?"
+)
 
 
 def parse_links(text: str) -> dict[str, tuple[str | None, bool]]:
