@@ -469,7 +469,9 @@ def parse_files(text: str) -> dict[str, FileFact]:
         if len(parts) != 6:
             raise FactError(f"cannot parse file fact line: {line!r}")
         _, path, mode, owner, group, digest = parts
-        encoded = lines[i + 1] if i + 1 < len(lines) else "-"
+        # The script prints a content line after every header; only an empty file's
+        # (empty) line can be missing, when it is the last one and the section was stripped.
+        encoded = lines[i + 1] if i + 1 < len(lines) else ""
         content = None if encoded == "-" else base64.b64decode(encoded)
         files[path] = FileFact(path, int(mode, 8), owner, group, digest, content)
     return files
