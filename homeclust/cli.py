@@ -144,7 +144,7 @@ def inventory_command(ctx: click.Context, as_json: bool) -> None:
     public = (f"{m.public_interface} dhcp (client id {m.dhcp_client_id})"
               if m.public_boot == "dhcp" else
               f"{m.public_interface} {m.public_address} gw {m.public_gateway}")
-    click.echo(f"master  {m.name:<12} {m.private_interface} {m.private_address:<15} "
+    click.echo(f"master  {m.name:<12} {m.private_interface} {m.private_address!s:<15} "
                f"public {public}; ssh {inv.ssh.user}@{m.address}:{m.port}; slots {m.slots}"
                f"{'' if m.compute else ' (no jobs)'}")
     for w in inv.workers:

@@ -1,0 +1,181 @@
+"""Runner semantics with a fake transport: order, parallelism, isolation, exit codes."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from homeclust.inventory import Inventory, parse_inventory
+from homeclust.runner import Runner
+from tests.unit.fakes import FakeCluster, FakeConnector, TouchStep
+
+
+def inventory(workers: int = 3) -> Inventory:
+    return parse_inventory({
+        "master": {"name": "master", "address": "10.0.0.1", "private_address": "192.168.10.1"},
+        "workers": [{"name": f"worker{i}", "private_address": f"192.168.10.{i + 1}"}
+                    for i in range(1, workers + 1)],
+    }, Path("test.toml"))
+
+
+STEPS = [TouchStep("alpha"), TouchStep("beta", ("alpha",))]
+
+
+def runner(cluster: FakeCluster, inv: Inventory | None = None, steps: list[TouchStep] | None = None,
+           hosts: list[str] | None = None, forks: int = 10) -> Runner:
+    inv = inv or inventory()
+    return Runner(inv, steps or STEPS, inv.select(hosts), connector=FakeConnector(cluster),
+                  forks=forks, sleep=lambda s: None)
+
+
+def test_plan_sends_only_the_facts_script_and_exits_3_on_changes() -> None:
+    cluster = FakeCluster()
+    result = runner(cluster).plan()
+    assert set(cluster.purposes()) == {"facts"}
+    assert len(cluster.calls) == 4  # one round trip per host
+    assert cluster.locks == []  # plan never takes the run lock
+    assert result.exit_code() == 3
+    assert {o.status for o in result.outcomes} == {"pending"}
+    assert result.outcome("worker2", "beta").changes == ["touch /etc/beta.done"]  # type: ignore[union-attr]
+
+
+def test_plan_on_converged_cluster_exits_0() -> None:
+    cluster = FakeCluster(files={h: {"/etc/alpha.done": "", "/etc/beta.done": ""}
+                                 for h in ("master", "worker1", "worker2", "worker3")})
+    result = runner(cluster).plan()
+    assert result.exit_code() == 0
+    assert {o.status for o in result.outcomes} == {"unchanged"}
+
+
+def test_up_applies_master_first_then_workers_and_verifies() -> None:
+    cluster = FakeCluster()
+    result = runner(cluster).apply()
+    assert result.exit_code() == 0, result
+    assert {o.status for o in result.outcomes} == {"changed"}
+    applies = [c for c in cluster.calls if c.purpose.startswith("apply:")]
+    master_done = max(c.end for c in applies if c.host == "master")
+    assert all(c.start >= master_done for c in applies if c.host != "master")
+    # Steps in dependency order on every host.
+    for host in ("master", "worker1"):
+        assert [c.purpose for c in applies if c.host == host] == ["apply:alpha", "apply:beta"]
+    # Each applied step was verified by reading facts again.
+    assert cluster.purposes("worker1").count("facts") == 3
+    assert cluster.locks == ["master"] and cluster.lock_released == ["master"]
+    # A second run changes nothing.
+    before = len(cluster.calls)
+    again = runner(cluster).apply()
+    assert {o.status for o in again.outcomes} == {"unchanged"}
+    assert [c.purpose for c in cluster.calls[before:]] == ["facts"] * 4
+
+
+def test_workers_are_configured_in_parallel() -> None:
+    barrier = threading.Barrier(3, timeout=5)
+    def hook(host: str) -> None:
+        if host != "master":
+            barrier.wait()
+
+    cluster = FakeCluster(apply_hook=hook)
+    result = runner(cluster, steps=[TouchStep("alpha")]).apply()
+    # With sequential workers the barrier would time out and break.
+    assert not barrier.broken
+    assert result.exit_code() == 0
+
+
+def test_forks_bounds_parallelism() -> None:
+    active = []
+    peak = []
+    lock = threading.Lock()
+
+    def hook(host: str) -> None:
+        if host == "master":
+            return
+        with lock:
+            active.append(host)
+            peak.append(len(active))
+        threading.Event().wait(0.05)
+        with lock:
+            active.remove(host)
+
+    cluster = FakeCluster(apply_hook=hook)
+    runner(cluster, inventory(6), steps=[TouchStep("alpha")], forks=2).apply()
+    assert max(peak) == 2
+
+
+def test_unreachable_worker_is_reported_and_the_others_complete() -> None:
+    cluster = FakeCluster(unreachable={"worker2"})
+    result = runner(cluster).apply()
+    assert result.exit_code() == 1
+    assert "connection refused" in result.host_errors["worker2"]
+    assert result.outcome("worker2", "alpha").status == "skipped"  # type: ignore[union-attr]
+    for host in ("master", "worker1", "worker3"):
+        assert result.outcome(host, "beta").status == "changed"  # type: ignore[union-attr]
+
+
+def test_failed_step_skips_later_steps_on_that_host_only() -> None:
+    cluster = FakeCluster(failing_commands={("worker1", "/etc/alpha.done")})
+    result = runner(cluster).apply()
+    assert result.exit_code() == 1
+    alpha = result.outcome("worker1", "alpha")
+    beta = result.outcome("worker1", "beta")
+    assert alpha is not None and alpha.status == "failed" and "boom" in (alpha.error or "")
+    assert beta is not None and beta.status == "skipped" and "alpha failed" in (beta.error or "")
+    assert result.outcome("worker2", "beta").status == "changed"  # type: ignore[union-attr]
+
+
+def test_failed_master_means_no_worker_is_touched() -> None:
+    cluster = FakeCluster(failing_commands={("master", "/etc/alpha.done")})
+    result = runner(cluster).apply()
+    assert result.exit_code() == 1
+    assert not [c for c in cluster.calls if c.host != "master" and c.purpose.startswith("apply")]
+    skipped = result.outcome("worker3", "alpha")
+    assert skipped is not None and "master failed at alpha" in (skipped.error or "")
+
+
+def test_unreachable_master_fails_every_host_without_touching_any() -> None:
+    cluster = FakeCluster(unreachable={"master"})
+    result = runner(cluster).apply()
+    assert result.exit_code() == 1
+    assert set(result.host_errors) == {"master", "worker1", "worker2", "worker3"}
+    assert cluster.calls == []
+
+
+def test_step_that_does_not_converge_fails() -> None:
+    cluster = FakeCluster(ignore_apply={"worker3"})
+    result = runner(cluster, steps=[TouchStep("alpha")]).apply()
+    outcome = result.outcome("worker3", "alpha")
+    assert outcome is not None and outcome.status == "failed"
+    assert "still differs" in (outcome.error or "")
+    assert result.exit_code() == 1
+
+
+def test_host_selection_still_connects_through_master() -> None:
+    cluster = FakeCluster()
+    result = runner(cluster, hosts=["worker2"]).apply()
+    assert result.hosts == ["worker2"]
+    assert {c.host for c in cluster.calls if c.purpose.startswith("apply")} == {"worker2"}
+    assert cluster.purposes("master") == ["facts"]  # gateway + lock holder, not touched
+    assert cluster.locks == ["master"]
+
+
+def test_master_only_step_targets_only_master() -> None:
+    cluster = FakeCluster()
+    result = runner(cluster, steps=[TouchStep("solo", master_only=True)]).apply()
+    assert [o.host for o in result.outcomes] == ["master"]
+
+
+@pytest.mark.parametrize("failing", [True, False])
+def test_check_reports_reachability_and_drift(failing: bool) -> None:
+    files = {h: {"/etc/alpha.done": "", "/etc/beta.done": ""}
+             for h in ("master", "worker1", "worker2", "worker3")}
+    if failing:
+        del files["worker1"]["/etc/beta.done"]
+    cluster = FakeCluster(files=files)
+    result = runner(cluster).check()
+    assert set(cluster.purposes()) == {"facts"}
+    names = {(c.host, c.name): c.status for c in result.checks}
+    assert names[("master", "ssh from admin")] == "pass"
+    assert names[("worker2", "ssh via master")] == "pass"
+    assert names[("worker1", "beta in sync")] == ("fail" if failing else "pass")
+    assert result.exit_code() == (1 if failing else 0)
