@@ -16,7 +16,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from invoke import Collection, Context, Exit, Task, task
+from invoke.collection import Collection
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import Task, task
 
 from homeclust import api
 from homeclust.errors import HomeclustError
@@ -79,7 +82,7 @@ def _step_task(name: str, summary: str) -> Task[Any]:
 
     run_step.__name__ = name.replace("-", "_")
     run_step.__doc__ = f"Run the {name} step: {summary}."
-    return task(run_step, name=name, help=_help("host", "inventory", "dry_run"))  # type: ignore[no-any-return]
+    return Task(run_step, name=name, help=_help("host", "inventory", "dry_run"))
 
 
 ns = Collection(up, plan, check, *(_step_task(n, s.summary) for n, s in REGISTRY.items()))
