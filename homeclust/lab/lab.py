@@ -316,6 +316,7 @@ class Lab:
         rootfs_seconds = time.monotonic() - started if built else 0.0
 
         self.paths.root.mkdir(parents=True, exist_ok=True)
+        remove_tree(self.paths.logs)  # the previous lab's logs; this one starts its own
         shutil.copyfile(self.source_path, self.paths.source_inventory)
         LabState(
             cluster=self.cluster, source_inventory=str(self.source_path),
@@ -557,10 +558,16 @@ class Lab:
     def _ssh_answers(self, plan: LabPlan, node: str, is_master: bool) -> bool:
         if is_master:
             return ssh_banner(("127.0.0.1", plan.ssh_port))
+        # Probe a worker from the master, the way homeclust reaches it (the master's
+        # neighbour cache may still hold a failed entry from before a reboot); from
+        # the worker itself when the master is down.
         try:
-            pid = lab_nodes.leader_pid(node, self.paths.node(node))
+            pid = lab_nodes.leader_pid(plan.master.name, self.paths.node(plan.master.name))
         except LabError:
-            return False
+            try:
+                pid = lab_nodes.leader_pid(node, self.paths.node(node))
+            except LabError:
+                return False
         address = str(plan.node(node).private_address.ip)
         probe = ["nsenter", "-t", str(pid), "-n", "--", sys.executable, "-c",
                  _SSH_BANNER_PROBE, address]

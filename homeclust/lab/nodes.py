@@ -16,6 +16,7 @@ from pathlib import Path
 
 from homeclust.errors import LabError
 from homeclust.lab import render
+from homeclust.lab.cgroups import remove_node_cgroups
 from homeclust.lab.plan import LabNode, LabPlan
 from homeclust.lab.state import LabPaths, NodePaths
 from homeclust.lab.supervisor import SupervisorSpec, wait_propagate_gone
@@ -110,7 +111,7 @@ def power_on(plan: LabPlan, node: LabNode, paths: LabPaths) -> None:
         stale.unlink(missing_ok=True)
     node_paths.supervisor_spec.write_text(spec.to_json())
     spawn(
-        [sys.executable, "-m", "homeclust.lab.supervisor", str(node_paths.supervisor_spec)],
+        [sys.executable, "-m", "homeclust.lab", "supervise", str(node_paths.supervisor_spec)],
         paths.log(node.name),
         node_paths.supervisor_pid,
         cwd=Path("/"),
@@ -143,7 +144,9 @@ def power_off(nodes: list[tuple[str, NodePaths]], timeout: float = STOP_TIMEOUT)
     for _name, node_paths in nodes:
         spec_file = node_paths.supervisor_spec
         if spec_file.exists():
-            wait_propagate_gone(SupervisorSpec.from_json(spec_file.read_text()).machine)
+            machine = SupervisorSpec.from_json(spec_file.read_text()).machine
+            wait_propagate_gone(machine)
+            remove_node_cgroups(machine)  # the supervisor does this, unless it was killed
         unmount(node_paths.merged)
     return running
 

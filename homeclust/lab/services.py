@@ -55,7 +55,7 @@ def lab_services(plan: LabPlan, paths: LabPaths, python: str = sys.executable) -
             "dnsmasq", "--keep-in-foreground", f"--conf-file={paths.dnsmasq_conf}",
         ]))),
         Service("whoami", inet, tuple(in_netns(inet, [
-            python, "-m", "homeclust.lab.whoami", str(plan.internet_address), str(WHOAMI_PORT),
+            python, "-m", "homeclust.lab", "whoami", str(plan.internet_address), str(WHOAMI_PORT),
         ]))),
         Service("admin-ssh-forward", admin, tuple(in_netns(admin, [
             "socat", f"UNIX-LISTEN:{ssh_sock},fork,unlink-early,mode=600",

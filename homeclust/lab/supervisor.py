@@ -1,11 +1,11 @@
 """Keeps one lab node running: the node's "power supply".
 
-Started by the lab (``python -m homeclust.lab.supervisor SPEC.json``), one per
+Started by the lab (``python -m homeclust.lab supervise SPEC.json``), one per
 running node.  It
 
 * starts ``systemd-nspawn --boot`` inside the lab's switch namespace, so the
   host ends of the node's veths are created there and nothing appears in the
-  machine's own namespace;
+  machine's own namespace, and in a cgroup of the node's own (cgroups.py);
 * plugs those veth ends into their bridges as soon as nspawn creates them
   (before the node's own network configuration runs, so its first DHCP
   request is not lost);
@@ -20,6 +20,7 @@ enter the node (``Lab.exec``) and, after a crash, kill exactly those.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from homeclust.lab.cgroups import join_node_cgroups, remove_node_cgroups
 from homeclust.lab.system import children, identify, netns_path, write_pidfile
 
 #: systemd-nspawn's exit status when the container rebooted.
@@ -111,7 +113,13 @@ class Supervisor:
                 break
             argv = ["nsenter", f"--net={netns_path(self.spec.switch_netns)}", "--",
                     *self.spec.nspawn_argv]
-            self.nspawn = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+            machine = self.spec.machine
+            remove_node_cgroups(machine)  # a fresh tree for every boot
+            self.nspawn = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL,
+                # Runs between fork and exec; fine here: the supervisor has one thread.
+                preexec_fn=functools.partial(join_node_cgroups, machine),
+            )
             proc = identify(self.nspawn.pid)
             if proc is not None:
                 write_pidfile(Path(self.spec.nspawn_pidfile), proc)
@@ -120,6 +128,7 @@ class Supervisor:
             else:
                 self.record_leader()
             status = self.nspawn.wait()
+            remove_node_cgroups(machine)
             if status != REBOOT_STATUS:
                 break
             self.log("the node rebooted itself: starting it again")
@@ -172,11 +181,7 @@ class Supervisor:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m homeclust.lab.supervisor SPEC.json", file=sys.stderr)
+        print("usage: python -m homeclust.lab supervise SPEC.json", file=sys.stderr)
         return 2
     spec = SupervisorSpec.from_json(Path(argv[0]).read_text())
     return Supervisor(spec).run()
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

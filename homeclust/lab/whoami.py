@@ -5,7 +5,7 @@ nothing else, so a worker behind the master's NAT sees the master's public
 address -- the proof that NAT works.  Run by the lab inside the internet
 namespace::
 
-    python -m homeclust.lab.whoami ADDRESS PORT
+    python -m homeclust.lab whoami ADDRESS PORT
 """
 
 from __future__ import annotations
@@ -40,11 +40,7 @@ def serve(address: str, port: int) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: python -m homeclust.lab.whoami ADDRESS PORT", file=sys.stderr)
+        print("usage: python -m homeclust.lab whoami ADDRESS PORT", file=sys.stderr)
         return 2
     serve(argv[0], int(argv[1]))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

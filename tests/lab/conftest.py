@@ -1,0 +1,121 @@
+"""Fixtures for the end-to-end tests on the virtual lab (tests marked ``lab``).
+
+* ``lab``: one lab per test session, built from the repository's
+  ``inventory.toml`` (the guide's cluster: master + worker1..3).  Whatever an
+  interrupted earlier run left is removed first; the lab is torn down at the
+  end of the session whatever happens.  If it cannot start, every test using
+  it fails (never skips): a broken lab is a broken build.
+* ``lab_info``: what ``Lab.up()`` returned (timings, addresses).
+* ``lab_inventory_path`` / ``lab_inventory``: the lab inventory to point
+  homeclust at (``homeclust -i PATH up``).
+* ``lab_ssh``: ``lab_ssh(node)`` -> a connected paramiko client, as root with
+  the lab's key; workers are reached through the master, like homeclust does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from homeclust.inventory import Inventory, load_inventory
+from homeclust.lab import Lab, LabInfo
+from homeclust.lab.testing import connect
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+GUIDE_INVENTORY = REPO_ROOT / "inventory.toml"
+
+
+def progress(message: str) -> None:
+    """Lab progress goes to the real terminal: a first rootfs build takes a minute."""
+    print(f"[lab] {message}", file=sys.__stderr__, flush=True)
+
+
+def start_lab(inventory: Path) -> tuple[Lab, LabInfo]:
+    """A fresh lab for ``inventory``, or pytest.fail with the reason."""
+    if os.geteuid() != 0:
+        pytest.fail("the lab tests need root (run scripts/test as root)", pytrace=False)
+    the_lab = Lab(inventory, progress=progress)
+    try:
+        the_lab.down()  # whatever an interrupted earlier run left behind
+        info = the_lab.up()
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            the_lab.down()
+        pytest.fail(f"the lab could not start: {exc}", pytrace=False)
+    except BaseException:  # Ctrl-C while building: still leave nothing behind
+        with contextlib.suppress(Exception):
+            the_lab.down()
+        raise
+    progress(info.summary().splitlines()[0])
+    return the_lab, info
+
+
+@pytest.fixture(scope="session")
+def lab_factory() -> Iterator[Callable[[Path], tuple[Lab, LabInfo]]]:
+    """Extra labs (other cluster names) for tests that break or tear down their lab."""
+    started: list[Lab] = []
+
+    def make(inventory: Path) -> tuple[Lab, LabInfo]:
+        the_lab, info = start_lab(inventory)
+        started.append(the_lab)
+        return the_lab, info
+
+    yield make
+    for the_lab in started:
+        with contextlib.suppress(Exception):
+            the_lab.down()
+
+
+@pytest.fixture(scope="session")
+def _lab_session() -> Iterator[tuple[Lab, LabInfo]]:
+    the_lab, info = start_lab(GUIDE_INVENTORY)
+    try:
+        yield the_lab, info
+    finally:
+        progress(the_lab.down().summary())
+
+
+@pytest.fixture(scope="session")
+def lab(_lab_session: tuple[Lab, LabInfo]) -> Lab:
+    return _lab_session[0]
+
+
+@pytest.fixture(scope="session")
+def lab_info(_lab_session: tuple[Lab, LabInfo]) -> LabInfo:
+    return _lab_session[1]
+
+
+@pytest.fixture(scope="session")
+def lab_inventory_path(lab: Lab) -> Path:
+    return lab.inventory_path
+
+
+@pytest.fixture(scope="session")
+def lab_inventory(lab_inventory_path: Path) -> Inventory:
+    return load_inventory(lab_inventory_path)
+
+
+@pytest.fixture
+def lab_ssh(lab: Lab) -> Iterator[Callable[[str], paramiko.SSHClient]]:
+    opened: list[paramiko.SSHClient] = []
+
+    master: list[paramiko.SSHClient] = []
+
+    def open_client(node: str) -> paramiko.SSHClient:
+        if lab.plan.node(node).role != "master" and not master:
+            master.append(connect(lab, lab.plan.master.name))
+            opened.append(master[0])
+        client = connect(lab, node, via=master[0] if master else None)
+        opened.append(client)
+        return client
+
+    yield open_client
+    for client in opened:
+        client.close()
+
