@@ -97,6 +97,7 @@ class LabInfo:
     internet_address: IPv4Address
     admin_address: IPv4Address
     master_public_address: IPv4Address
+    master_public_by_dhcp: bool
     nodes: tuple[str, ...]
     elapsed: float  # seconds for the whole ``up``, rootfs build included
     rootfs_seconds: float  # seconds spent building the rootfs (0 when it was cached)
@@ -115,7 +116,8 @@ class LabInfo:
             f"lab up: {verb}{cached}",
             f"  cluster          {self.cluster}: {', '.join(self.nodes)}",
             f"  institute net    {self.institute_network}  internet host {self.internet_address}, "
-            f"admin host {self.admin_address}, master {self.master_public_address} (DHCP)",
+            f"admin host {self.admin_address}, master {self.master_public_address}"
+            + (" (DHCP)" if self.master_public_by_dhcp else " (static)"),
             f"  master SSH       127.0.0.1:{self.ssh_port} (forwarded to {self.master_public_address}:22;"
             " workers only through the master)",
             f"  lab inventory    {inv}",
@@ -658,6 +660,7 @@ class Lab:
             admin_key=self.paths.admin_key, known_hosts=self.paths.known_hosts,
             institute_network=plan.institute_network, internet_address=plan.internet_address,
             admin_address=plan.admin_address, master_public_address=plan.master_public_address,
+            master_public_by_dhcp=not plan.master_public_static,
             nodes=tuple(n.name for n in plan.nodes), elapsed=elapsed, rootfs_seconds=rootfs_seconds,
             already_up=already_up,
         )
