@@ -449,9 +449,11 @@ def parse_services(unit_files: str, active_units: str) -> dict[str, ServiceState
             enabled[words[0]] = words[1]
     active = set()
     for line in active_units.splitlines():
-        words = line.split()
+        # Without --plain (or on an old systemctl) failed units carry a "●" column of
+        # their own: strip it before splitting, not from the unit name.
+        words = line.lstrip("●* \t").split()
         if words:
-            active.add(words[0].lstrip("●* "))
+            active.add(words[0])
     return {
         unit: ServiceState(enabled.get(unit, ""), unit in active)
         for unit in sorted(set(enabled) | active)
