@@ -58,6 +58,10 @@ class Platform:
         """Packages that load the saved iptables rules at boot."""
         if self.family == "debian":
             return ("iptables", "iptables-persistent")
+        if self.major >= 9:
+            # EL9 has no package named "iptables" (iptables-nft only provides it), and
+            # facts list package names: asking for "iptables" would never converge.
+            return ("iptables-nft", "iptables-services")
         return ("iptables", "iptables-services")
 
     @property
