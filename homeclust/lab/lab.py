@@ -10,7 +10,9 @@ every name is derived from the cluster name and every process is recorded
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 import re
 import shutil
@@ -19,7 +21,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -295,8 +297,23 @@ class Lab:
     # up / down
     # ------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One ``up`` or ``down`` at a time per cluster on this machine (others wait)."""
+        self.state_root.mkdir(parents=True, exist_ok=True)
+        with open(self.state_root / f".{self.cluster}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def up(self, *, ready_timeout: float = READY_TIMEOUT) -> LabInfo:
         """Bring the lab up: every node booted and answering SSH.  Idempotent."""
+        with self._exclusive():
+            return self._up(ready_timeout)
+
+    def _up(self, ready_timeout: float) -> LabInfo:
         started = time.monotonic()
         self._preflight()
         if self._given_inventory is None:
@@ -330,7 +347,7 @@ class Lab:
         except BaseException:
             self.progress(f"lab up failed: removing what was created (logs kept in {self.paths.logs})")
             try:
-                self.down()
+                self._down()
             except HomeclustError as exc:
                 self.progress(f"cleaning up failed too: {exc}")
             raise
@@ -393,6 +410,10 @@ class Lab:
 
     def down(self) -> DownReport:
         """Remove every namespace, mount and process of this lab.  Idempotent, crash-safe."""
+        with self._exclusive():
+            return self._down()
+
+    def _down(self) -> DownReport:
         started = time.monotonic()
         report = DownReport()
         namespaces = namespaces_for(self.cluster)
@@ -406,8 +427,7 @@ class Lab:
         report.processes_ended += end_all([read_pidfile(p) for p in pidfiles], timeout=5.0)
         # Anything the PID files missed (a crash between start and record):
         # processes inside our namespaces, or naming our state directory.
-        programs = {"socat", "dnsmasq", "systemd-nspawn", "nsenter",
-                    os.path.basename(sys.executable), "python", "python3"}
+        programs = {"socat", "dnsmasq", "systemd-nspawn"}
         strays = processes_in_netns(inodes) + processes_mentioning(str(self.paths.root), programs)
         strays = [p for p in {p.pid: p for p in strays}.values() if p.pid != os.getpid()]
         report.processes_ended += end_all(strays)

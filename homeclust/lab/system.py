@@ -280,11 +280,14 @@ def processes_in_netns(inodes: set[int]) -> list[ProcessId]:
     return found
 
 
-def processes_mentioning(text: str, programs: Iterable[str]) -> list[ProcessId]:
-    """Processes of ``programs`` whose command line contains ``text`` (a lab-owned path).
+def processes_mentioning(text: str, programs: Iterable[str],
+                         python_module: str = "homeclust.lab") -> list[ProcessId]:
+    """Lab processes in the root namespace whose PID file was never written.
 
-    The crash fallback for processes in the root namespace whose PID file was
-    never written: they are recognised by the lab's own state-dir path.
+    The crash fallback: a process of one of ``programs`` (or ``python -m
+    python_module ...``) whose command line names ``text``, the lab's own
+    state directory.  Anything else (a homeclust run or an ssh session that
+    merely mentions a lab file) is left alone.
     """
     names = set(programs)
     me = os.getpid()
@@ -293,15 +296,14 @@ def processes_mentioning(text: str, programs: Iterable[str]) -> list[ProcessId]:
         if pid == me:
             continue
         try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            argv = [a.decode(errors="replace")
+                    for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")]
         except OSError:
             continue
         if not argv or not argv[0]:
             continue
-        program = os.path.basename(argv[0].decode(errors="replace"))
-        if program not in names:
-            continue
-        if any(text.encode() in arg for arg in argv[1:]):
+        ours = os.path.basename(argv[0]) in names or argv[1:3] == ["-m", python_module]
+        if ours and any(text in arg for arg in argv[1:]):
             proc = identify(pid)
             if proc is not None:
                 found.append(proc)

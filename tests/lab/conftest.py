@@ -10,6 +10,9 @@
   homeclust at (``homeclust -i PATH up``).
 * ``lab_ssh``: ``lab_ssh(node)`` -> a connected paramiko client, as root with
   the lab's key; workers are reached through the master, like homeclust does.
+* ``lab_factory``: ``lab_factory(inventory_path)`` -> (Lab, LabInfo): an extra
+  lab (use another cluster name) for tests that break or tear down a lab;
+  every such lab is torn down at the end of the session.
 """
 
 from __future__ import annotations
@@ -31,9 +34,22 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 GUIDE_INVENTORY = REPO_ROOT / "inventory.toml"
 
 
+_config: pytest.Config | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _config
+    _config = config
+
+
 def progress(message: str) -> None:
-    """Lab progress goes to the real terminal: a first rootfs build takes a minute."""
-    print(f"[lab] {message}", file=sys.__stderr__, flush=True)
+    """Lab progress goes past pytest's capture: a first rootfs build takes a minute."""
+    capture = _config.pluginmanager.getplugin("capturemanager") if _config else None
+    if capture is None:
+        print(f"[lab] {message}", file=sys.stderr, flush=True)
+        return
+    with capture.global_and_fixture_disabled():
+        print(f"\n[lab] {message}", file=sys.stderr, flush=True)
 
 
 def start_lab(inventory: Path) -> tuple[Lab, LabInfo]:
