@@ -1,0 +1,454 @@
+"""Build raw facts-script output for tests, and the inventories tests plan against.
+
+The facts script (:func:`homeclust.facts.gather_script`) prints a series of
+sections, each introduced by ``\\n@@homeclust-fact@@ NAME\\n`` and ending with
+an ``end`` section.  Tests never construct :class:`~homeclust.facts.HostFacts`
+directly: they build the *text* the script would print and hand it to
+:func:`homeclust.facts.parse_facts`, so the parsers run on every test and the
+test data stays in the shape real hosts produce.
+
+Two ways to get that text:
+
+* :func:`build` from keyword arguments (every section optional);
+* :func:`recorded` loads a recorded output from ``tests/fixtures/facts`` as a
+  :class:`FactsBuilder`, whose :meth:`FactsBuilder.but` returns a copy with some
+  sections or files replaced (drift, converged states), and
+  :meth:`FactsBuilder.build` prints it again.
+
+The marker and the section layout are spelled out here on purpose rather than
+imported from homeclust: if the script's format changes, these tests must
+notice, not follow along.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from homeclust.facts import HostFacts, parse_facts
+from homeclust.inventory import Inventory, parse_inventory
+
+MARKER = "@@homeclust-fact@@"
+
+#: The sections in the order gather_script prints them.
+SECTIONS = (
+    "os-release", "hostname", "virt", "ssh-connection", "links", "addresses", "routes",
+    "iptables-version", "iptables-save", "sysctl", "packages", "unit-files", "active-units",
+    "commands", "transactions", "files", "end",
+)
+
+#: Files the script sends by hash only are those larger than this (MAX_FILE_CONTENT).
+TOO_BIG = 256 * 1024
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+GOLDEN = ROOT / "golden"
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """One file as the facts script reports it (``F\\tpath\\tmode\\towner\\tgroup\\tsha256``)."""
+
+    content: bytes
+    mode: int = 0o644
+    owner: str = "root"
+    group: str = "root"
+    too_big: bool = False  # report "-" instead of the content, as for files over 256 KiB
+    digest: str | None = None  # default: the sha256 of content
+
+    @property
+    def sha256(self) -> str:
+        return self.digest or hashlib.sha256(self.content).hexdigest()
+
+    @property
+    def text(self) -> str:
+        return self.content.decode()
+
+
+FileArg = str | bytes | FileRecord | None
+
+
+def as_record(value: str | bytes | FileRecord) -> FileRecord:
+    if isinstance(value, FileRecord):
+        return value
+    return FileRecord(value.encode() if isinstance(value, str) else value)
+
+
+def file_lines(files: Mapping[str, FileRecord]) -> str:
+    """The ``files`` section: a header line and a content line per file, sorted by path."""
+    out = []
+    for path in sorted(files):
+        record = files[path]
+        out.append(f"F\t{path}\t{record.mode:o}\t{record.owner}\t{record.group}\t{record.sha256}")
+        too_big = record.too_big or len(record.content) > TOO_BIG
+        out.append("-" if too_big else base64.b64encode(record.content).decode())
+    return "".join(line + "\n" for line in out)
+
+
+def sysctl_lines(values: Mapping[str, tuple[str, str] | None]) -> str:
+    """``key -> (access, value)`` (access ``rw``/``ro``) or ``None`` for an absent key."""
+    out = []
+    for key, item in values.items():
+        if item is None:
+            out.append(f"{key}\tabsent\t")
+        else:
+            access, value = item
+            out.append(f"{key}\t{access}\t{value}")
+    return "".join(line + "\n" for line in out)
+
+
+def dpkg_lines(packages: Mapping[str, str], status: str = "ii ") -> str:
+    """What ``dpkg-query -W -f='${db:Status-Abbrev}\\t${Package}\\t${Version}\\n'`` prints."""
+    return "".join(f"{status}\t{name}\t{version}\n" for name, version in packages.items())
+
+
+def rpm_lines(packages: Mapping[str, str]) -> str:
+    """What ``rpm -qa --qf 'ii \\t%{NAME}\\t%{VERSION}-%{RELEASE}\\n'`` prints."""
+    return "".join(f"ii \t{name}\t{version}\n" for name, version in packages.items())
+
+
+def _body(text: str) -> str:
+    """A section body as a command prints it: empty, or lines each ending in a newline."""
+    if not text:
+        return ""
+    return text if text.endswith("\n") else text + "\n"
+
+
+@dataclass(frozen=True)
+class FactsBuilder:
+    """Sections of one facts output (``files`` kept as records, the rest as text)."""
+
+    sections: Mapping[str, str] = field(default_factory=dict)
+    files: Mapping[str, FileRecord] = field(default_factory=dict)
+    complete: bool = True  # False: no "end" section (the script was cut off)
+
+    def but(self, *, files: Mapping[str, FileArg] | None = None, complete: bool | None = None,
+            **sections: str) -> FactsBuilder:
+        """A copy with sections replaced (``iptables_save="..."``: underscores for dashes)
+        and files added, replaced, or removed (value ``None``)."""
+        new_sections = dict(self.sections)
+        for key, text in sections.items():
+            name = key.replace("_", "-")
+            if name not in SECTIONS or name in ("files", "end"):
+                raise KeyError(f"unknown facts section {name!r}")
+            new_sections[name] = text
+        new_files = dict(self.files)
+        for path, value in (files or {}).items():
+            if value is None:
+                new_files.pop(path, None)
+            else:
+                new_files[path] = as_record(value)
+        return replace(self, sections=new_sections, files=new_files,
+                       complete=self.complete if complete is None else complete)
+
+    def add_lines(self, section: str, *lines: str) -> FactsBuilder:
+        """A copy with ``lines`` appended to a text section (e.g. a stray route)."""
+        name = section.replace("_", "-")
+        if name not in SECTIONS or name in ("files", "end"):
+            raise KeyError(f"unknown facts section {name!r}")
+        current = _body(self.sections.get(name, ""))
+        sections = dict(self.sections)
+        sections[name] = current + "".join(line + "\n" for line in lines)
+        return replace(self, sections=sections)
+
+    def build(self) -> str:
+        parts = []
+        for name in SECTIONS:
+            if name == "end":
+                if self.complete:
+                    parts.append(f"\n{MARKER} end\n")
+                continue
+            body = file_lines(self.files) if name == "files" else _body(self.sections.get(name, ""))
+            parts.append(f"\n{MARKER} {name}\n{body}")
+        return "".join(parts)
+
+    def facts(self) -> HostFacts:
+        """The parsed facts (the parser runs on the built text)."""
+        return parse_facts(self.build())
+
+    def file_text(self, path: str) -> str:
+        return self.files[path].text
+
+
+def build(*, os_release: str = "", hostname: str = "", virt: str = "none", ssh_connection: str = "",
+          links: str = "", addresses: str = "", routes: str = "", iptables_version: str = "",
+          iptables_save: str = "", sysctl: str | Mapping[str, tuple[str, str] | None] = "",
+          packages: str = "", unit_files: str = "", active_units: str = "",
+          commands: Iterable[str] = (), transactions: Iterable[str] = (),
+          files: Mapping[str, str | bytes | FileRecord] | None = None, complete: bool = True) -> str:
+    """Raw facts output from keyword arguments (see the module docstring)."""
+    return builder(
+        os_release=os_release, hostname=hostname, virt=virt, ssh_connection=ssh_connection,
+        links=links, addresses=addresses, routes=routes, iptables_version=iptables_version,
+        iptables_save=iptables_save, sysctl=sysctl, packages=packages, unit_files=unit_files,
+        active_units=active_units, commands=commands, transactions=transactions, files=files,
+        complete=complete,
+    ).build()
+
+
+def builder(*, os_release: str = "", hostname: str = "", virt: str = "none",
+            ssh_connection: str = "", links: str = "", addresses: str = "", routes: str = "",
+            iptables_version: str = "", iptables_save: str = "",
+            sysctl: str | Mapping[str, tuple[str, str] | None] = "", packages: str = "",
+            unit_files: str = "", active_units: str = "", commands: Iterable[str] = (),
+            transactions: Iterable[str] = (),
+            files: Mapping[str, str | bytes | FileRecord] | None = None,
+            complete: bool = True) -> FactsBuilder:
+    """Like :func:`build`, but returns the :class:`FactsBuilder` (for further changes)."""
+    sections = {
+        "os-release": os_release,
+        "hostname": hostname,
+        "virt": virt,
+        "ssh-connection": ssh_connection,
+        "links": links,
+        "addresses": addresses,
+        "routes": routes,
+        "iptables-version": iptables_version,
+        "iptables-save": iptables_save,
+        "sysctl": sysctl if isinstance(sysctl, str) else sysctl_lines(sysctl),
+        "packages": packages,
+        "unit-files": unit_files,
+        "active-units": active_units,
+        "commands": "".join(c + "\n" for c in commands),
+        "transactions": "".join(t + "\n" for t in transactions),
+    }
+    records = {path: as_record(value) for path, value in (files or {}).items()}
+    return FactsBuilder(sections, records, complete)
+
+
+def parse_recorded(text: str) -> FactsBuilder:
+    """Split a recorded output back into a builder (the inverse of :meth:`FactsBuilder.build`).
+
+    Deliberately independent of homeclust's own parser: it reads the format
+    as documented, so a recorded fixture round-trips byte for byte, and it
+    checks each file's sha256 against its content.
+    """
+    parts = re.split(rf"\n{re.escape(MARKER)} ([^\n]*)\n", text)
+    if parts[0].strip():
+        raise ValueError("a facts output starts with its first section marker")
+    bodies = dict(zip(parts[1::2], parts[2::2], strict=True))
+    unknown = set(bodies) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown sections in the recording: {sorted(unknown)}")
+    files: dict[str, FileRecord] = {}
+    file_body = bodies.pop("files", "").split("\n")
+    for index, line in enumerate(file_body):
+        if not line.startswith("F\t"):
+            continue
+        _, path, mode, owner, group, digest = line.split("\t")
+        encoded = file_body[index + 1]
+        too_big = encoded == "-"
+        content = b"" if too_big else base64.b64decode(encoded)
+        if not too_big and hashlib.sha256(content).hexdigest() != digest:
+            raise ValueError(f"{path}: sha256 in the recording does not match its content")
+        files[path] = FileRecord(content, int(mode, 8), owner, group, too_big,
+                                 digest if too_big else None)
+    complete = "end" in bodies
+    bodies.pop("end", None)
+    return FactsBuilder(bodies, files, complete)
+
+
+def recorded(name: str) -> FactsBuilder:
+    """A recorded facts output from ``tests/fixtures/facts/NAME.txt``."""
+    return parse_recorded((FIXTURES / "facts" / f"{name}.txt").read_text())
+
+
+def recorded_text(name: str) -> str:
+    return (FIXTURES / "facts" / f"{name}.txt").read_text()
+
+
+def fixture_text(relative: str) -> str:
+    return (FIXTURES / relative).read_text()
+
+
+# --------------------------------------------------------------------------- inventories
+
+#: The cluster of the guide: one master (DHCP on eth0, 192.168.10.1 on eth1), workers on eth0.
+BASE_INVENTORY: dict[str, Any] = {
+    "cluster": {"name": "testclust", "private_network": "192.168.10.0/24", "dns": ["8.8.8.8"]},
+    "ssh": {"user": "root", "key": "/nonexistent/homeclust-test-key"},
+    "master": {
+        "name": "master",
+        "address": "cluster-master.example.org",
+        "public_interface": "eth0",
+        "public_boot": "dhcp",
+        "dhcp_client_id": "cluster-master",
+        "private_interface": "eth1",
+        "private_address": "192.168.10.1",
+        "slots": 4,
+    },
+    "workers": [
+        {"name": "worker1", "private_address": "192.168.10.2", "interface": "eth0", "slots": 4},
+        {"name": "worker2", "private_address": "192.168.10.3", "interface": "eth0", "slots": 4},
+    ],
+}
+
+
+def inventory(**tables: Mapping[str, Any] | list[Any]) -> Inventory:
+    """The base inventory with whole tables merged in (``firewall={"ssh_from": [...]}``)."""
+    data: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else list(v))
+                            for k, v in BASE_INVENTORY.items()}
+    for name, value in tables.items():
+        if isinstance(value, Mapping) and isinstance(data.get(name), dict):
+            data[name] = {**data[name], **value}
+        else:
+            data[name] = value
+    return parse_inventory(data, Path("test.toml"))
+
+
+# --------------------------------------------------------------------------- golden files
+
+
+def check_golden(relative: str, actual: str) -> None:
+    """Compare ``actual`` with ``tests/golden/RELATIVE`` exactly.
+
+    ``HOMECLUST_UPDATE_GOLDEN=1`` rewrites the file instead: do that only on
+    purpose, and read the diff before committing it.
+    """
+    path = GOLDEN / relative
+    if os.environ.get("HOMECLUST_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(actual)
+        return
+    assert path.exists(), f"no golden file {path}: run with HOMECLUST_UPDATE_GOLDEN=1, then review it"
+    assert actual == path.read_text(), f"{relative} differs from its golden file"
+
+
+# --------------------------------------------------------------------------- converged hosts
+
+
+def golden_text(relative: str) -> str:
+    return (GOLDEN / relative).read_text()
+
+
+def _unit_line(unit: str, state: str, preset: str = "enabled") -> str:
+    return f"{unit:<40} {state:<15} {preset}"
+
+
+def converged(name: str) -> FactsBuilder:
+    """A recorded host after homeclust's network, nat and firewall steps, as facts would see it.
+
+    Files come from the reviewed golden files (the renderers' expected output),
+    live firewall state from hand-recorded ``iptables-save`` output of the
+    loaded tables (``tests/fixtures/iptables/NAME-converged.save``), plus the
+    packages, services, sysctls and hostname the steps leave behind.  Planning
+    on these facts must change nothing: the idempotency proof of the planners.
+    """
+    fresh = recorded(name)
+    save = fixture_text(f"iptables/{name}-converged.save")
+    nat_files: dict[str, FileArg] = {}
+    if name.endswith("master"):
+        dash = "no-dash" if name.startswith("centos7") else "dash"
+        nat_files = {
+            "/etc/sysctl.d/90-homeclust-nat.conf":
+                golden_text(f"nat/{dash}/etc/sysctl.d/90-homeclust-nat.conf"),
+            "/etc/modules-load.d/homeclust-nat.conf":
+                golden_text("nat/etc/modules-load.d/homeclust-nat.conf"),
+        }
+    rules = FileRecord(golden_text(
+        "iptables/rules-master.v4" if name.endswith("master") else "iptables/rules-worker.v4",
+    ).encode(), 0o600)
+    master_sysctls = {
+        "net.ipv4.ip_forward": ("rw", "1"),
+        "net.netfilter.nf_conntrack_max": ("rw", "131072"),
+        "net.netfilter.nf_conntrack_tcp_timeout_established": ("rw", "86400"),
+    }
+    if name == "debian12-master":
+        # Inside the lab's container netns nf_conntrack_max stays read-only (a warning).
+        master_sysctls["net.netfilter.nf_conntrack_max"] = ("ro", "262144")
+        return fresh.but(
+            files={
+                "/etc/network/interfaces": golden_text(
+                    "network/ifupdown/master/etc/network/interfaces"),
+                "/etc/dhcp/dhclient.conf": golden_text(
+                    "network/ifupdown/master/etc/dhcp/dhclient.conf"),
+                "/etc/hosts": golden_text("network/hosts/debian12-master/etc/hosts"),
+                "/etc/iptables/rules.v4": rules,
+                **nat_files,
+            },
+            iptables_save=save,
+            sysctl=sysctl_lines(master_sysctls),
+        ).add_lines(
+            "packages", *dpkg_lines({"iptables-persistent": "1.0.20",
+                                     "netfilter-persistent": "1.0.20"}).splitlines(),
+        ).add_lines(
+            "unit_files", _unit_line("netfilter-persistent.service", "enabled"),
+        ).add_lines(
+            "active_units", "netfilter-persistent.service loaded active exited "
+                            "netfilter persistent configuration",
+        )
+    if name == "debian12-worker":
+        return fresh.but(
+            files={
+                "/etc/network/interfaces": golden_text(
+                    "network/ifupdown/worker1/etc/network/interfaces"),
+                "/etc/resolv.conf": golden_text("network/ifupdown/worker1/etc/resolv.conf"),
+                "/etc/hosts": golden_text("network/hosts/debian12-worker/etc/hosts"),
+                "/etc/iptables/rules.v4": rules,
+            },
+            iptables_save=save,
+        ).add_lines(
+            "packages", *dpkg_lines({"iptables-persistent": "1.0.20",
+                                     "netfilter-persistent": "1.0.20"}).splitlines(),
+        ).add_lines("unit_files", _unit_line("netfilter-persistent.service", "enabled"))
+    if name == "rocky9-master":
+        keyfiles = "network/nm-keyfile/master/etc/NetworkManager/system-connections/"
+        directory = "/etc/NetworkManager/system-connections/"
+        unit_files = "".join(
+            (_unit_line("firewalld.service", "masked") if line.split()[0] == "firewalld.service"
+             else line) + "\n"
+            for line in fresh.sections["unit-files"].splitlines())
+        active_units = "".join(
+            line + "\n" for line in fresh.sections["active-units"].splitlines()
+            if not line.startswith("firewalld.service"))
+        return fresh.but(
+            files={
+                directory + "eth0.nmconnection": None,
+                directory + "eth1.nmconnection": None,
+                directory + "homeclust-eth0.nmconnection": FileRecord(
+                    golden_text(keyfiles + "homeclust-eth0.nmconnection").encode(), 0o600),
+                directory + "homeclust-eth1.nmconnection": FileRecord(
+                    golden_text(keyfiles + "homeclust-eth1.nmconnection").encode(), 0o600),
+                "/etc/hosts": golden_text("network/hosts/rocky9-master/etc/hosts"),
+                "/etc/hostname": "master\n",
+                "/etc/sysconfig/iptables": rules,
+                **nat_files,
+            },
+            hostname="master\n",
+            iptables_version="iptables v1.8.10 (nf_tables)\n",
+            iptables_save=save,
+            sysctl=sysctl_lines(master_sysctls),
+            unit_files=unit_files,
+            active_units=active_units,
+            commands="".join(c + "\n" for c in (
+                "systemd-run", "systemctl", "flock", "iptables", "iptables-save", "iptables-restore",
+                "ip6tables", "nmcli", "hostnamectl", "dnf", "yum", "rpm", "sha256sum", "base64",
+                "curl", "sudo", "bash")),
+        ).add_lines(
+            "packages", *rpm_lines({"iptables-nft": "1.8.10-4.el9_4",
+                                    "iptables-services": "1.8.10-4.el9_4"}).splitlines(),
+        ).add_lines(
+            "unit_files", _unit_line("iptables.service", "enabled", "disabled"),
+        ).add_lines(
+            "active_units", "iptables.service loaded active exited IPv4 firewall with iptables",
+        )
+    if name == "centos7-worker":
+        return fresh.but(
+            files={
+                "/etc/sysconfig/network-scripts/ifcfg-eth0": golden_text(
+                    "network/ifcfg/worker2/etc/sysconfig/network-scripts/ifcfg-eth0"),
+                "/etc/hosts": golden_text("network/hosts/centos7-worker/etc/hosts"),
+                "/etc/sysconfig/iptables": rules,
+            },
+            # The network service's ifup: no NetworkManager "proto static metric 100".
+            routes="default via 192.168.10.1 dev eth0 \n"
+                   "192.168.10.0/24 dev eth0 proto kernel scope link src 192.168.10.3 \n",
+            iptables_save=save,
+        )
+    raise KeyError(f"no converged state for {name}")

@@ -1,0 +1,496 @@
+"""Fact parsers and platform detection, from recorded outputs of both platform families."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+
+import pytest
+
+from homeclust.errors import FactError
+from homeclust.facts import (
+    Route,
+    ServiceState,
+    SshPeer,
+    Sysctl,
+    gather_script,
+    normalize_iptables,
+    parse_facts,
+    parse_iptables_save,
+    parse_iptables_version,
+    parse_os_release,
+    parse_packages,
+    parse_routes,
+    parse_services,
+    summarize,
+)
+from homeclust.platforms import Platform, detect, platform_of
+from tests.unit.factsbuilder import (
+    FIXTURES,
+    FileRecord,
+    build,
+    builder,
+    dpkg_lines,
+    parse_recorded,
+    recorded,
+    recorded_text,
+    rpm_lines,
+)
+
+RECORDINGS = sorted(p.stem for p in (FIXTURES / "facts").glob("*.txt"))
+
+
+def os_release(id_: str, version: str, like: str = "", pretty: str = "") -> str:
+    lines = [f'PRETTY_NAME="{pretty or id_ + " " + version}"', f"ID={id_}"]
+    if like:
+        lines.append(f'ID_LIKE="{like}"')
+    if version:
+        lines.append(f'VERSION_ID="{version}"')
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- recordings
+
+
+def test_all_five_recordings_are_present() -> None:
+    assert RECORDINGS == ["centos7-worker", "debian12-master", "debian12-worker",
+                          "rocky9-master", "ubuntu2204-master"]
+
+
+@pytest.mark.parametrize("name", RECORDINGS)
+def test_recording_round_trips_through_the_builder(name: str) -> None:
+    """The builder prints exactly what the script printed (and every sha256 matches)."""
+    text = recorded_text(name)
+    assert parse_recorded(text).build() == text
+
+
+@pytest.mark.parametrize("name", RECORDINGS)
+def test_recording_parses_completely(name: str) -> None:
+    facts = parse_facts(recorded_text(name))
+    assert facts.hostname and facts.interfaces and facts.routes and facts.packages
+    assert facts.services and facts.files and facts.commands and facts.ssh_peer
+    assert set(facts.sysctls) == {"net.ipv4.ip_forward", "net.netfilter.nf_conntrack_max",
+                                  "net.netfilter.nf_conntrack_tcp_timeout_established"}
+    assert facts.pending_transactions == ()
+    summary = summarize(facts)
+    assert summary["hostname"] == facts.hostname
+
+
+# --------------------------------------------------------------------------- os-release
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("debian12-master", Platform("debian12", "debian", 12, "apt", "ifupdown", True)),
+    ("debian12-worker", Platform("debian12", "debian", 12, "apt", "ifupdown", True)),
+    ("ubuntu2204-master", Platform("ubuntu22.04", "debian", 22, "apt", "netplan", True)),
+    ("centos7-worker", Platform("centos7", "rhel", 7, "yum", "ifcfg", False)),
+    ("rocky9-master", Platform("rocky9", "rhel", 9, "dnf", "nm-keyfile", True)),
+])
+def test_platform_of_recordings(name: str, expected: Platform) -> None:
+    assert platform_of(recorded(name).facts()) == expected
+
+
+@pytest.mark.parametrize(("release", "name", "family", "backend"), [
+    (os_release("debian", "11"), "debian11", "debian", "ifupdown"),
+    (os_release("debian", "13"), "debian13", "debian", "ifupdown"),
+    (os_release("ubuntu", "20.04", "debian"), "ubuntu20.04", "debian", "netplan"),
+    (os_release("ubuntu", "24.04", "debian"), "ubuntu24.04", "debian", "netplan"),
+    (os_release("rocky", "8.9", "rhel centos fedora"), "rocky8", "rhel", "nm-ifcfg"),
+    (os_release("almalinux", "8.10", "rhel centos fedora"), "almalinux8", "rhel", "nm-ifcfg"),
+    (os_release("rhel", "8.9", "fedora"), "rhel8", "rhel", "nm-ifcfg"),
+    (os_release("rhel", "9.4", "fedora"), "rhel9", "rhel", "nm-keyfile"),
+    (os_release("almalinux", "9.4", "rhel centos fedora"), "almalinux9", "rhel", "nm-keyfile"),
+    (os_release("centos", "9", "rhel fedora"), "centos9", "rhel", "nm-keyfile"),
+    (os_release("centos", "7", "rhel fedora"), "centos7", "rhel", "ifcfg"),
+])
+def test_supported_releases(release: str, name: str, family: str, backend: str) -> None:
+    platform = detect(parse_os_release(release))
+    assert (platform.name, platform.family, platform.network_backend) == (name, family, backend)
+    assert platform.package_manager == {"debian": "apt", "rhel": "yum" if name == "centos7"
+                                        else "dnf"}[family]
+
+
+@pytest.mark.parametrize("release", [
+    os_release("arch", "", pretty="Arch Linux"),
+    os_release("debian", "9", pretty="Debian GNU/Linux 9 (stretch)"),
+    os_release("debian", "10", pretty="Debian GNU/Linux 10 (buster)"),
+    os_release("ubuntu", "18.04", "debian", pretty="Ubuntu 18.04.6 LTS"),
+    os_release("centos", "6", "rhel fedora", pretty="CentOS release 6.10"),
+    os_release("alpine", "3.19.1", pretty="Alpine Linux v3.19"),
+    os_release("opensuse-leap", "15.5", "suse opensuse", pretty="openSUSE Leap 15.5"),
+])
+def test_unsupported_releases_are_a_clear_fact_error(release: str) -> None:
+    parsed = parse_os_release(release)
+    with pytest.raises(FactError) as error:
+        detect(parsed)
+    assert parsed.pretty_name in str(error.value)
+    assert error.value.hint and "Debian 11-13" in error.value.hint
+
+
+def test_unsupported_release_fails_from_raw_facts_too() -> None:
+    facts = parse_facts(build(os_release='NAME="Arch Linux"\nPRETTY_NAME="Arch Linux"\nID=arch\n'
+                                         "BUILD_ID=rolling\n"))
+    with pytest.raises(FactError, match="Arch Linux"):
+        platform_of(facts)
+
+
+def test_os_release_quoting_comments_and_missing_id() -> None:
+    parsed = parse_os_release("# comment\nID='rocky'\nID_LIKE=\"RHEL centos fedora\"\n"
+                              "VERSION_ID=9.3\nBROKEN LINE\n")
+    assert (parsed.id, parsed.id_like, parsed.version_id, parsed.major) == (
+        "rocky", ("rhel", "centos", "fedora"), "9.3", 9)
+    assert parsed.pretty_name == "rocky"
+    with pytest.raises(FactError, match="ID"):
+        parse_os_release('NAME="Something"\n')
+    with pytest.raises(FactError):
+        parse_facts(build(os_release=""))
+
+
+# --------------------------------------------------------------------------- interfaces
+
+
+def test_links_addresses_and_routes_of_a_lab_master() -> None:
+    facts = recorded("debian12-master").facts()
+    assert sorted(facts.interfaces) == ["eth0", "eth1", "lo"]  # "eth0@if7" is eth0
+    eth0 = facts.interfaces["eth0"]
+    assert (eth0.mac, eth0.up) == ("6a:3c:1e:5b:20:01", True)
+    assert eth0.addresses == (IPv4Interface("10.77.0.10/24"),)
+    assert facts.interfaces["eth1"].addresses == (IPv4Interface("192.168.10.1/24"),)
+    assert facts.interfaces["lo"].mac == "00:00:00:00:00:00"
+    assert facts.default_routes() == (Route("default", IPv4Address("10.77.0.1"), "eth0", None),)
+    assert facts.interface_with_address(IPv4Address("10.77.0.10")) == "eth0"
+    assert facts.interface_with_address(IPv4Address("10.77.0.11")) is None
+    assert facts.addresses_of("eth9") == ()
+
+
+def test_routes_of_networkd_with_metrics_and_host_routes() -> None:
+    facts = recorded("ubuntu2204-master").facts()
+    assert facts.routes == (
+        Route("default", IPv4Address("10.77.0.1"), "eth0", "dhcp"),
+        Route("10.77.0.0/24", None, "eth0", "kernel"),
+        Route("10.77.0.1/32", None, "eth0", "dhcp"),
+        Route("192.168.10.0/24", None, "eth1", "kernel"),
+    )
+    # "inet 10.77.0.10/24 metric 100 brd …": networkd's metric does not confuse the parser.
+    assert facts.addresses_of("eth0") == (IPv4Interface("10.77.0.10/24"),)
+
+
+def test_down_and_no_carrier_links_and_secondary_addresses() -> None:
+    facts = parse_facts(build(
+        os_release=os_release("debian", "12"),
+        links=(
+            "2: eth0: <NO-CARRIER,BROADCAST,MULTICAST,UP> mtu 1500 qdisc fq_codel state DOWN mode "
+            "DEFAULT group default qlen 1000\\    link/ether 52:54:00:00:00:01 brd ff:ff:ff:ff:ff:ff\n"
+            "3: eth1: <BROADCAST,MULTICAST> mtu 1500 qdisc noop state DOWN mode DEFAULT group default "
+            "qlen 1000\\    link/ether 52:54:00:00:00:02 brd ff:ff:ff:ff:ff:ff\\    altname enp2s0\n"
+        ),
+        addresses=(
+            "2: eth0    inet 192.168.10.2/24 brd 192.168.10.255 scope global eth0\\       "
+            "valid_lft forever preferred_lft forever\n"
+            "2: eth0    inet 192.168.10.99/24 brd 192.168.10.255 scope global secondary eth0:1\\       "
+            "valid_lft forever preferred_lft forever\n"
+        ),
+    ))
+    assert facts.interfaces["eth0"].up is True  # administratively up, cable out
+    assert facts.interfaces["eth1"].up is False
+    assert facts.interfaces["eth1"].mac == "52:54:00:00:00:02"
+    assert facts.addresses_of("eth0") == (IPv4Interface("192.168.10.2/24"),
+                                          IPv4Interface("192.168.10.99/24"))
+    assert facts.addresses_of("eth1") == ()
+
+
+def test_route_lines_that_are_not_routes_are_skipped() -> None:
+    routes = parse_routes(
+        "default via 192.168.10.1 dev eth0 onlink \n"
+        "nexthop garbage\n"
+        "\n"
+        "blackhole 10.9.0.0/16 proto static \n"
+    )
+    assert routes[0] == Route("default", IPv4Address("192.168.10.1"), "eth0", None)
+    assert [r.destination for r in routes] == ["default", "blackhole"]
+
+
+# --------------------------------------------------------------------------- iptables
+
+
+def test_iptables_version_and_backend() -> None:
+    assert parse_iptables_version("iptables v1.8.9 (nf_tables)\n") == ("nf_tables", "1.8.9")
+    assert parse_iptables_version("iptables v1.8.9 (legacy)\n") == ("legacy", "1.8.9")
+    assert parse_iptables_version("iptables v1.4.21\n") == ("legacy", "1.4.21")
+    assert parse_iptables_version("") == (None, None)
+    assert recorded("debian12-master").facts().iptables_backend == "nf_tables"
+    assert recorded("centos7-worker").facts().iptables_backend == "legacy"
+    assert recorded("rocky9-master").facts().iptables_backend is None  # iptables not installed
+
+
+def test_fresh_hosts_without_rules_have_no_tables() -> None:
+    assert recorded("debian12-master").facts().iptables == {}
+    assert recorded("rocky9-master").facts().iptables == {}
+
+
+def test_iptables_save_is_split_per_table_without_comments_and_counters() -> None:
+    tables = parse_iptables_save((FIXTURES / "iptables/rocky9-master-converged.save").read_text())
+    assert sorted(tables) == ["filter", "nat"]
+    assert tables["nat"] == (
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+        ":POSTROUTING ACCEPT [0:0]\n-A POSTROUTING -s 192.168.10.0/24 -o eth0 -j MASQUERADE\n"
+        "COMMIT\n"
+    )
+    assert "Generated" not in tables["filter"] and "5230" not in tables["filter"]
+    assert tables["filter"].startswith("*filter\n:INPUT DROP [0:0]\n")
+
+
+def test_legacy_state_match_reads_as_conntrack() -> None:
+    filter_table = recorded("centos7-worker").facts().iptables["filter"]
+    assert "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT" in filter_table
+    assert "-m state" not in filter_table
+
+
+BASE_RULE = "-A INPUT -i eth0 -p tcp -m tcp --dport 22 -j ACCEPT"
+
+
+@pytest.mark.parametrize(("one", "other"), [
+    # counters and comments
+    ("*filter\n:INPUT DROP [0:0]\nCOMMIT\n",
+     "# Generated by iptables-save v1.4.21 on Mon Mar  4 10:15:02 2024\n*filter\n"
+     ":INPUT DROP [4511:330102]\nCOMMIT\n# Completed on Mon Mar  4 10:15:02 2024\n"),
+    # -m state (legacy, the guide) vs -m conntrack (what homeclust writes)
+    ("-A INPUT -m state --state RELATED,ESTABLISHED -j ACCEPT",
+     "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"),
+    # implicit -m tcp / -m udp
+    ("-A INPUT -i eth0 -p tcp --dport 22 -j ACCEPT", BASE_RULE),
+    ("-A INPUT -p udp --dport 53 -j ACCEPT", "-A INPUT -p udp -m udp --dport 53 -j ACCEPT"),
+    # the default log level, spelled three ways or left out
+    ('-A INPUT -j LOG --log-prefix "x: " --log-level 4', '-A INPUT -j LOG --log-prefix "x: "'),
+    ('-A INPUT -j LOG --log-prefix "x: " --log-level warning', '-A INPUT -j LOG --log-prefix "x: "'),
+    # blank lines and trailing spaces
+    (BASE_RULE + "   \n\n", BASE_RULE),
+])
+def test_spellings_of_the_same_rules_normalize_equal(one: str, other: str) -> None:
+    assert normalize_iptables(one) == normalize_iptables(other)
+
+
+@pytest.mark.parametrize("different", [
+    "-A INPUT -i eth0 -p tcp -m tcp --dport 2222 -j ACCEPT",
+    "-A INPUT -i eth1 -p tcp -m tcp --dport 22 -j ACCEPT",
+    "-A INPUT -s 10.0.0.0/8 -i eth0 -p tcp -m tcp --dport 22 -j ACCEPT",
+    "-A INPUT -i eth0 -p udp -m udp --dport 22 -j ACCEPT",
+    "-A INPUT -i eth0 -p tcp -m tcp --dport 22 -j DROP",
+    "-A FORWARD -i eth0 -p tcp -m tcp --dport 22 -j ACCEPT",
+])
+def test_a_genuinely_different_rule_does_not_normalize_equal(different: str) -> None:
+    assert normalize_iptables(different) != normalize_iptables(BASE_RULE)
+
+
+def test_other_log_levels_and_policies_stay_different() -> None:
+    assert normalize_iptables('-A INPUT -j LOG --log-prefix "x: " --log-level 7') != \
+        normalize_iptables('-A INPUT -j LOG --log-prefix "x: "')
+    assert normalize_iptables(":INPUT DROP [1:2]") != normalize_iptables(":INPUT ACCEPT [1:2]")
+    assert normalize_iptables("-A INPUT -m state --state NEW -j ACCEPT") != \
+        normalize_iptables("-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
+
+
+# --------------------------------------------------------------------------- sysctls
+
+
+def test_sysctls_rw_ro_and_absent() -> None:
+    debian = recorded("debian12-master").facts().sysctls
+    assert debian["net.ipv4.ip_forward"] == Sysctl("0", True)
+    assert debian["net.netfilter.nf_conntrack_max"] == Sysctl("262144", False)
+    ubuntu = recorded("ubuntu2204-master").facts().sysctls
+    assert ubuntu["net.netfilter.nf_conntrack_max"] == Sysctl(None, False)
+    assert ubuntu["net.netfilter.nf_conntrack_tcp_timeout_established"].value is None
+
+
+def test_sysctl_values_with_several_fields_are_normalized() -> None:
+    # /proc prints "32768<TAB>60999"; the script turns tabs into spaces.
+    facts = parse_facts(build(os_release=os_release("debian", "12"),
+                              sysctl="net.ipv4.ip_local_port_range\trw\t32768  60999 \n"
+                                     "garbage\n"))
+    assert facts.sysctls == {"net.ipv4.ip_local_port_range": Sysctl("32768 60999", True)}
+
+
+# --------------------------------------------------------------------------- packages
+
+
+def test_dpkg_only_installed_packages_count() -> None:
+    packages = parse_packages(
+        dpkg_lines({"iptables": "1.8.9-2", "hold-me": "1.0"}).replace("ii \thold-me", "hi \thold-me")
+        + dpkg_lines({"iptables-persistent": "1.0.20"}, status="rc ")
+        + dpkg_lines({"ufw": ""}, status="un ")
+        + dpkg_lines({"netfilter-persistent": "1.0.20"}, status="iU ")
+        + "ii \tlibc6:amd64\t2.36-9+deb12u4\n"
+        + "malformed line\n"
+    )
+    assert packages == {"iptables": "1.8.9-2", "hold-me": "1.0", "libc6": "2.36-9+deb12u4"}
+
+
+def test_packages_of_recordings() -> None:
+    ubuntu = recorded("ubuntu2204-master").facts().packages
+    assert ubuntu["netplan.io"] == "0.106.1-7ubuntu0.22.04.2"
+    assert "linux-image-5.15.0-91-generic" not in ubuntu  # removed, config files left ("rc")
+    assert "linux-image-5.15.0-97-generic" in ubuntu
+    debian = recorded("debian12-master").facts().packages
+    assert debian["iptables"] == "1.8.9-2" and "iptables-persistent" not in debian
+    centos = recorded("centos7-worker").facts().packages
+    assert centos["iptables-services"] == "1.4.21-35.el7"
+    rocky = recorded("rocky9-master").facts().packages
+    assert rocky["firewalld"] == "1.2.5-2.el9" and "iptables-nft" not in rocky
+
+
+def test_rpm_packages() -> None:
+    assert parse_packages(rpm_lines({"iptables-services": "1.4.21-35.el7",
+                                     "gpg-pubkey": "f4a80eb5-53a7ff4b"})) == {
+        "iptables-services": "1.4.21-35.el7", "gpg-pubkey": "f4a80eb5-53a7ff4b"}
+
+
+# --------------------------------------------------------------------------- services
+
+
+def test_services_enabled_and_active() -> None:
+    rocky = recorded("rocky9-master").facts()
+    assert rocky.services["firewalld.service"] == ServiceState("enabled", True)
+    assert rocky.service_enabled("firewalld") and rocky.service_active("firewalld")
+    assert not rocky.service_enabled("iptables") and not rocky.service_active("iptables")
+    centos = recorded("centos7-worker").facts()
+    assert centos.services["firewalld.service"] == ServiceState("disabled", False)
+    assert centos.service_enabled("iptables") and centos.service_active("iptables.service")
+    # A SysV service has no unit file but is active.
+    assert centos.services["network.service"] == ServiceState("", True)
+    debian = recorded("debian12-master").facts()
+    assert debian.service_enabled("ssh") and debian.service_active("ssh")
+    assert debian.service_enabled("sshd")  # an alias of ssh.service
+    assert not debian.service_enabled("nftables") and not debian.service_active("nftables")
+    assert debian.service_active("ifup@eth0.service")
+    assert not debian.service_enabled("netfilter-persistent")
+    assert debian.service_active("apt-daily.timer")
+    assert recorded("ubuntu2204-master").facts().service_enabled("ufw")
+
+
+def test_masked_services_are_not_enabled_and_bullets_are_stripped() -> None:
+    services = parse_services(
+        "firewalld.service                        masked          enabled\n"
+        "iptables.service                         enabled-runtime disabled\n",
+        "● iptables.service loaded active exited IPv4 firewall with iptables\n",
+    )
+    assert services["firewalld.service"] == ServiceState("masked", False)
+    assert services["iptables.service"] == ServiceState("enabled-runtime", True)
+    facts = parse_facts(build(
+        os_release=os_release("rocky", "9.3", "rhel"),
+        unit_files="firewalld.service masked enabled\n",
+    ))
+    assert not facts.service_enabled("firewalld")
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_files_carry_content_mode_and_owner() -> None:
+    facts = recorded("rocky9-master").facts()
+    keyfile = facts.files["/etc/NetworkManager/system-connections/eth0.nmconnection"]
+    assert (keyfile.mode, keyfile.owner, keyfile.group) == (0o600, "root", "root")
+    assert keyfile.text is not None and "interface-name=eth0\n" in keyfile.text
+    assert facts.file_text("/etc/hostname") == "localhost.localdomain\n"
+    assert facts.file_text("/etc/nonexistent") is None
+    # A symlink: stat reports the link's mode, the content is the target's.
+    resolv = recorded("ubuntu2204-master").facts().files["/etc/resolv.conf"]
+    assert resolv.mode == 0o777 and b"nameserver 127.0.0.53" in (resolv.content or b"")
+
+
+@pytest.mark.parametrize("empty_path", ["/etc/a-first", "/etc/z-last"])
+def test_empty_files_are_empty_wherever_they_are_listed(empty_path: str) -> None:
+    files = {"/etc/m-middle": "x = 1\n", empty_path: ""}
+    facts = parse_facts(build(os_release=os_release("debian", "12"), files=files))
+    assert facts.files[empty_path].content == b""
+    assert facts.files[empty_path].text == ""
+    assert facts.file_text("/etc/m-middle") == "x = 1\n"
+
+
+def test_too_big_files_have_a_hash_but_no_content() -> None:
+    big = FileRecord(b"x" * 10, mode=0o640, owner="root", group="adm", too_big=True)
+    facts = parse_facts(build(os_release=os_release("debian", "12"),
+                              files={"/var/log/big": big, "/etc/small": b"\x00\xffbinary"}))
+    fact = facts.files["/var/log/big"]
+    assert fact.content is None and fact.text is None
+    assert fact.sha256 == big.sha256 and (fact.owner, fact.group, fact.mode) == ("root", "adm", 0o640)
+    assert facts.files["/etc/small"].content == b"\x00\xffbinary"
+
+
+def test_malformed_file_header_is_a_fact_error() -> None:
+    text = build(os_release=os_release("debian", "12")).replace(
+        "@@homeclust-fact@@ files\n", "@@homeclust-fact@@ files\nF\t/etc/hosts\t644\\troot\\troot\tabc\n")
+    with pytest.raises(FactError, match="file fact"):
+        parse_facts(text)
+
+
+# --------------------------------------------------------------------------- ssh, end
+
+
+def test_ssh_connection() -> None:
+    assert recorded("debian12-worker").facts().ssh_peer == SshPeer(
+        IPv4Address("192.168.10.1"), 40212, IPv4Address("192.168.10.2"), 22)
+    facts = parse_facts(build(os_release=os_release("debian", "12"),
+                              ssh_connection="2001:db8::5 50000 2001:db8::1 22\n"))
+    assert facts.ssh_peer is None  # IPv6: nothing to check the firewall against
+    assert parse_facts(build(os_release=os_release("debian", "12"))).ssh_peer is None
+
+
+def test_incomplete_output_is_a_fact_error() -> None:
+    text = recorded("debian12-master").but(complete=False).build()
+    with pytest.raises(FactError, match="incomplete"):
+        parse_facts(text)
+    full = recorded_text("rocky9-master")
+    with pytest.raises(FactError, match="incomplete"):
+        parse_facts(full[: full.index("@@homeclust-fact@@ packages")])
+    with pytest.raises(FactError, match="incomplete"):
+        parse_facts("")
+
+
+def test_pending_transactions_and_commands() -> None:
+    facts = builder(os_release=os_release("debian", "12"), commands=["systemd-run", "iptables"],
+                    transactions=["20240304T110217-firewall"]).facts()
+    assert facts.pending_transactions == ("20240304T110217-firewall",)
+    assert facts.has_command("systemd-run") and not facts.has_command("nmcli")
+
+
+# --------------------------------------------------------------------------- the real script
+
+
+def test_gather_script_rejects_paths_that_need_quoting() -> None:
+    for bad in ("relative/path", "/etc/$(reboot)", "/etc/a b", "/etc/x;y"):
+        with pytest.raises(ValueError):
+            gather_script([bad])
+
+
+@pytest.mark.skipif(not all(shutil.which(c) for c in ("stat", "sha256sum", "base64", "tr", "wc")),
+                    reason="needs coreutils")
+def test_gather_script_runs_and_its_files_section_parses(tmp_path: Path) -> None:
+    """Run the real (read-only) facts script here, on files made for the test.
+
+    Only the files section and the ssh argument are checked: this machine's
+    interfaces and packages are whatever they are.
+    """
+    config = tmp_path / "conf"
+    config.mkdir()
+    (config / "a.conf").write_text("alpha = 1\n")
+    (config / "b.conf").write_bytes(b"")
+    (config / "c.conf").write_bytes(b"\x00\x01binary\n")
+    os.chmod(config / "a.conf", 0o600)
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"z" * (256 * 1024 + 1))
+    script = gather_script([f"{config}/*.conf", str(big), "/nonexistent/homeclust-*.conf"])
+    result = subprocess.run(["/bin/sh", "-s", "10.77.0.50 51234 10.77.0.10 22"], input=script,
+                            capture_output=True, text=True, timeout=60, check=True)
+    facts = parse_facts(result.stdout)
+    assert facts.file_text(f"{config}/a.conf") == "alpha = 1\n"
+    assert facts.files[f"{config}/a.conf"].mode == 0o600
+    assert facts.files[f"{config}/b.conf"].content == b""
+    assert facts.files[f"{config}/c.conf"].content == b"\x00\x01binary\n"
+    assert facts.files[str(big)].content is None
+    assert len(facts.files[str(big)].sha256) == 64
+    assert not any(p.startswith("/nonexistent") for p in facts.files)
+    assert facts.ssh_peer == SshPeer(IPv4Address("10.77.0.50"), 51234, IPv4Address("10.77.0.10"), 22)
+    assert "sha256sum" in facts.commands

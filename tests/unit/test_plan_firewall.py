@@ -1,0 +1,239 @@
+"""firewall step planning from recorded facts of both platform families, lockout protection."""
+
+from __future__ import annotations
+
+import pytest
+
+from homeclust.changes import CommandChange, FileChange, PackagesChange, ServiceChange
+from homeclust.errors import StepError
+from homeclust.facts import HostFacts
+from homeclust.inventory import Inventory
+from homeclust.render.iptables import render_filter_table, split_rules_file
+from homeclust.steps.base import PlanContext, StepPlan
+from homeclust.steps.firewall import ROLLBACK_AFTER, FirewallStep
+from tests.unit.factsbuilder import converged, fixture_text, golden_text, inventory, recorded
+
+INV = inventory()
+STEP = FirewallStep()
+
+
+def plan(facts: HostFacts, node: str = "master", inv: Inventory = INV) -> StepPlan:
+    return STEP.plan(PlanContext(inv, inv.node(node), facts))
+
+
+def files(plan: StepPlan) -> dict[str, FileChange]:
+    return {c.path: c for c in plan.changes if isinstance(c, FileChange)}
+
+
+def loads(plan: StepPlan) -> list[CommandChange]:
+    return [c for c in plan.changes if isinstance(c, CommandChange) and "iptables-restore" in c.command]
+
+
+# --------------------------------------------------------------------------- fresh hosts
+
+
+def test_fresh_debian_master() -> None:
+    result = plan(recorded("debian12-master").facts())
+    packages, service, load, rules = result.changes
+    assert isinstance(packages, PackagesChange) and packages.packages == ("iptables-persistent",)
+    assert packages.preseed and "debconf-set-selections" in packages.preseed
+    assert service == ServiceChange("netfilter-persistent", enable=True)
+    assert isinstance(load, CommandChange) and not load.detached
+    assert golden_text("iptables/filter-master-default.rules") in load.command
+    assert "fail2ban" in load.command  # its chains are rebuilt after the swap
+    assert isinstance(rules, FileChange) and rules.path == "/etc/iptables/rules.v4"
+    assert rules.mode == 0o600 and rules.old is None
+    assert [name for name, _ in split_rules_file(rules.content or "") if name] == ["filter"]
+    assert result.guard is not None
+    assert "iptables-save" in result.guard.snapshot and "iptables-restore" in result.guard.restore
+    assert result.guard.rollback_after == ROLLBACK_AFTER
+
+
+def test_fresh_rocky_master_masks_firewalld_and_uses_iptables_services() -> None:
+    result = plan(recorded("rocky9-master").facts())
+    packages, firewalld, iptables, load, rules = result.changes
+    assert isinstance(packages, PackagesChange)
+    assert packages.packages == ("iptables-nft", "iptables-services")
+    assert firewalld == ServiceChange("firewalld", enable=False, action="stop", mask=True)
+    assert iptables == ServiceChange("iptables", enable=True)
+    assert isinstance(load, CommandChange)
+    assert isinstance(rules, FileChange) and rules.path == "/etc/sysconfig/iptables"
+    assert rules.mode == 0o600
+    assert result.guard is not None
+
+
+def test_centos7_worker_with_the_stock_ruleset() -> None:
+    facts = recorded("centos7-worker").facts()
+    result = plan(facts, "worker2")
+    # iptables-services is installed and enabled, firewalld disabled: nothing to install.
+    assert not any(isinstance(c, PackagesChange | ServiceChange) for c in result.changes)
+    (load,) = loads(result)
+    assert render_filter_table(INV, INV.node("worker2")) in load.command
+    rules = files(result)["/etc/sysconfig/iptables"]
+    assert rules.old == facts.file_text("/etc/sysconfig/iptables")
+    assert "icmp-host-prohibited" not in (rules.content or "")
+    # Both workers use eth0, so worker2's rules file is worker1's golden file.
+    assert rules.content == golden_text("iptables/rules-worker.v4")
+    assert result.guard is not None
+
+
+def test_ubuntu_master_masks_ufw() -> None:
+    services = [c for c in plan(recorded("ubuntu2204-master").facts()).changes
+                if isinstance(c, ServiceChange)]
+    assert services[0] == ServiceChange("ufw", enable=False, action="stop", mask=True)
+    assert [s.unit for s in services] == ["ufw", "netfilter-persistent"]
+
+
+def test_iptables_persistent_left_in_rc_state_is_installed_again() -> None:
+    facts = recorded("debian12-master").add_lines(
+        "packages", "rc \tiptables-persistent\t1.0.20", "rc \tnetfilter-persistent\t1.0.20").facts()
+    packages = [c for c in plan(facts).changes if isinstance(c, PackagesChange)]
+    assert [p.packages for p in packages] == [("iptables-persistent",)]
+
+
+# --------------------------------------------------------------------------- converged
+
+
+@pytest.mark.parametrize(("name", "node"), [
+    ("debian12-master", "master"), ("debian12-worker", "worker1"),
+    ("rocky9-master", "master"), ("centos7-worker", "worker2"),
+])
+def test_converged_host_plans_nothing(name: str, node: str) -> None:
+    result = plan(converged(name).facts(), node)
+    assert result.changes == (), result.descriptions()
+    assert result.guard is None
+
+
+def test_fail2ban_chains_are_not_drift() -> None:
+    save = fixture_text("iptables/debian12-master-converged.save").replace(
+        ":OUTPUT ACCEPT [2201:301442]\n",
+        ":OUTPUT ACCEPT [2201:301442]\n:f2b-sshd - [0:0]\n"
+        "-A INPUT -p tcp -m multiport --dports 22 -j f2b-sshd\n",
+    ).replace(
+        "-A FORWARD -m limit --limit 5/min -j LOG --log-prefix \"homeclust-forward-drop: \"\n",
+        "-A FORWARD -m limit --limit 5/min -j LOG --log-prefix \"homeclust-forward-drop: \"\n"
+        "-A f2b-sshd -s 203.0.113.7/32 -j REJECT --reject-with icmp-port-unreachable\n"
+        "-A f2b-sshd -j RETURN\n",
+    )
+    assert "f2b-sshd" in converged("debian12-master").but(iptables_save=save).facts().iptables[
+        "filter"]
+    assert plan(converged("debian12-master").but(iptables_save=save).facts()).changes == ()
+
+
+# --------------------------------------------------------------------------- drift
+
+
+def test_hand_added_input_rule_reloads_the_table_under_guard() -> None:
+    save = fixture_text("iptables/rocky9-master-converged.save").replace(
+        "-A INPUT -i eth0 -p tcp -m tcp --dport 22 -j ACCEPT\n",
+        "-A INPUT -i eth0 -p tcp -m tcp --dport 22 -j ACCEPT\n"
+        "-A INPUT -i eth0 -p tcp -m tcp --dport 8080 -j ACCEPT\n",
+    )
+    result = plan(converged("rocky9-master").but(iptables_save=save).facts())
+    (load,) = result.changes
+    assert load in loads(result)
+    assert result.guard is not None
+
+
+def test_policy_switched_to_accept_is_drift() -> None:
+    save = fixture_text("iptables/debian12-worker-converged.save").replace(
+        ":INPUT DROP [3:228]", ":INPUT ACCEPT [3:228]")
+    result = plan(converged("debian12-worker").but(iptables_save=save).facts(), "worker1")
+    assert len(loads(result)) == 1 and result.guard is not None
+
+
+def test_flushed_table_after_a_reboot_without_the_loader() -> None:
+    result = plan(converged("debian12-worker").but(iptables_save="").facts(), "worker1")
+    assert len(loads(result)) == 1
+
+
+def test_edited_rules_file_is_rewritten_without_touching_the_live_table() -> None:
+    rules = golden_text("iptables/rules-master.v4").replace(
+        "--dport 22 -j ACCEPT", "--dport 22 -j ACCEPT\n-A INPUT -p icmp -j ACCEPT")
+    result = plan(converged("debian12-master").but(files={"/etc/iptables/rules.v4": rules}).facts())
+    (change,) = result.changes
+    assert isinstance(change, FileChange) and change.path == "/etc/iptables/rules.v4"
+    assert "-A INPUT -p icmp -j ACCEPT" in change.diff()
+    assert result.guard is None  # the live table is right: nothing can cut the session
+
+
+def test_disabled_loader_is_enabled_again() -> None:
+    fresh = converged("rocky9-master")
+    unit_files = fresh.sections["unit-files"].replace("iptables.service                         enabled",
+                                                      "iptables.service                         disabled")
+    assert unit_files != fresh.sections["unit-files"]
+    (change,) = plan(fresh.but(unit_files=unit_files).facts()).changes
+    assert change == ServiceChange("iptables", enable=True)
+
+
+# --------------------------------------------------------------------------- lockout
+
+
+def test_ssh_from_that_excludes_the_admin_is_refused_before_any_change() -> None:
+    inv = inventory(firewall={"ssh_from": ["192.0.2.0/24", "198.51.100.0/24"]})
+    for name in ("debian12-master", "rocky9-master", "ubuntu2204-master"):
+        with pytest.raises(StepError) as error:
+            plan(recorded(name).facts(), inv=inv)
+        assert "lock you out" in error.value.message
+        assert "10.77.0.50" in error.value.message and "ssh_from" in error.value.message
+        assert error.value.hint and "nothing was changed" in error.value.hint
+
+
+def test_ssh_port_missing_from_public_tcp_ports_is_refused() -> None:
+    inv = inventory(firewall={"public_tcp_ports": [443]})
+    with pytest.raises(StepError, match="public_tcp_ports"):
+        plan(recorded("debian12-master").facts(), inv=inv)
+
+
+def test_session_on_another_port_than_the_one_opened_is_refused() -> None:
+    facts = recorded("rocky9-master").but(ssh_connection="10.77.0.50 52110 10.77.0.10 2222\n").facts()
+    with pytest.raises(StepError, match="port 2222"):
+        plan(facts)
+
+
+def test_ssh_from_that_includes_the_admin_is_fine() -> None:
+    inv = inventory(firewall={"ssh_from": ["192.0.2.0/24", "10.77.0.0/24"]})
+    result = plan(recorded("debian12-master").facts(), inv=inv)
+    (load,) = loads(result)
+    assert "-A INPUT -s 10.77.0.0/24 -i eth0 -p tcp -m tcp --dport 22 -j ACCEPT" in load.command
+
+
+def test_session_arriving_on_the_private_side_is_fine_with_any_ssh_from() -> None:
+    inv = inventory(firewall={"ssh_from": ["192.0.2.0/24"], "public_tcp_ports": [443]})
+    facts = recorded("debian12-master").but(
+        ssh_connection="192.168.10.2 39000 192.168.10.1 22\n").facts()
+    assert loads(plan(facts, inv=inv))
+    # Workers are always reached through the master's private address.
+    assert loads(plan(recorded("debian12-worker").facts(), "worker1", inv))
+
+
+def test_session_from_outside_the_private_network_on_the_private_side_is_refused() -> None:
+    facts = recorded("debian12-master").but(
+        ssh_connection="172.16.5.5 39000 192.168.10.1 22\n").facts()
+    with pytest.raises(StepError, match=r"172\.16\.5\.5"):
+        plan(facts)
+
+
+def test_without_an_ipv4_session_there_is_nothing_to_check() -> None:
+    inv = inventory(firewall={"ssh_from": ["192.0.2.0/24"]})
+    facts = recorded("debian12-master").but(
+        ssh_connection="2001:db8::5 50000 2001:db8::1 22\n").facts()
+    assert loads(plan(facts, inv=inv))
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(("table", "key"), [("master", "public_interface"),
+                                            ("master", "private_interface")])
+def test_missing_master_interface_is_a_step_error_naming_it(table: str, key: str) -> None:
+    inv = inventory(**{table: {key: "eno9"}})
+    with pytest.raises(StepError, match="interface eno9 does not exist"):
+        plan(recorded("rocky9-master").facts(), inv=inv)
+
+
+def test_missing_worker_interface_is_a_step_error_naming_it() -> None:
+    inv = inventory(workers=[{"name": "worker2", "private_address": "192.168.10.3",
+                              "interface": "enp1s0"}])
+    with pytest.raises(StepError, match="enp1s0"):
+        plan(recorded("centos7-worker").facts(), "worker2", inv)
