@@ -7,7 +7,7 @@ their table's section of the persistent rules file.
 
 from __future__ import annotations
 
-from homeclust.changes import Change, CommandChange, PackagesChange, ServiceChange
+from homeclust.changes import Change, CommandChange, PackagesChange, ServiceChange, unified_diff
 from homeclust.render.iptables import comparable, replace_table, restore_command
 from homeclust.steps.base import PlanContext, file_change, missing_packages
 
@@ -36,12 +36,16 @@ def table_changes(ctx: PlanContext, table: str, rendered: str, *, after_restore:
     """
     facts, platform = ctx.facts, ctx.platform
     changes: list[Change] = []
-    live_differs = comparable(facts.iptables.get(table)) != comparable(rendered)
+    live, wanted = comparable(facts.iptables.get(table)), comparable(rendered)
+    live_differs = live != wanted
     if live_differs:
         command = restore_command(rendered)
         if after_restore:
             command += f"\n{after_restore}"
-        changes.append(CommandChange(f"load the {table} table (iptables-restore)", command))
+        changes.append(CommandChange(
+            f"load the {table} table (iptables-restore)", command,
+            diff=unified_diff(live, wanted, f"iptables -t {table} (live)",
+                              f"iptables -t {table} (wanted)")))
     path = platform.firewall_rules_path
     saved = replace_table(facts.file_text(path), table, rendered)
     change = file_change(facts, path, saved, mode=0o600)

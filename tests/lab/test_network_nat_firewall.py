@@ -19,6 +19,7 @@ import tomli_w
 from homeclust import api
 from homeclust.lab import Lab
 from homeclust.render import iptables as iptables_render
+from homeclust.render import network as render_network
 from homeclust.steps import firewall as firewall_step
 from homeclust.steps import network as network_step
 from tests.lab.helpers import (
@@ -93,7 +94,6 @@ def test_the_institute_side_cannot_open_connections_to_workers(configured: Lab) 
         # With a route through the master, only the firewall stands in the way.
         for worker_address in ("192.168.10.2", "192.168.10.3", "192.168.10.4"):
             assert not tcp_connects(configured, "internet", worker_address, 22)
-        assert not tcp_connects(configured, "internet", "192.168.10.1", 22)
     finally:
         configured.exec_internet(["ip", "route", "del", "192.168.10.0/24"], check=False)
     # Workers are not reachable from the admin side either.
@@ -271,7 +271,7 @@ def test_firewall_that_blocks_ssh_is_rolled_back(configured: Lab, lab_inventory_
 def test_network_change_that_strands_a_worker_is_rolled_back(
         configured: Lab, lab_inventory_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """worker3 gets a config it cannot be reached with; it restores its old one by itself."""
-    real = network_step.interface_specs
+    real = render_network.interface_specs
 
     def wrong_address(inventory, node):  # type: ignore[no-untyped-def]
         specs = real(inventory, node)
