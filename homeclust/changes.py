@@ -109,11 +109,18 @@ class CommandChange:
     warn_on_failure: str | None = None
     #: Run after the batch, detached from the SSH session (it may cut the session).
     detached: bool = False
+    #: What the command changes, as a unified diff (e.g. live rules -> wanted rules).
+    diff: str = ""
 
     kind: Literal["command"] = field(default="command", init=False)
 
 
 Change = FileChange | PackagesChange | ServiceChange | CommandChange
+
+
+def unified_diff(old: str, new: str, old_label: str, new_label: str) -> str:
+    return "".join(difflib.unified_diff(old.splitlines(keepends=True),
+                                        new.splitlines(keepends=True), old_label, new_label))
 
 
 def diff_text(changes: Sequence[Change]) -> str:
@@ -124,6 +131,8 @@ def diff_text(changes: Sequence[Change]) -> str:
             out.append(change.diff())
         else:
             out.append(f"# {change.description}\n")
+            if isinstance(change, CommandChange) and change.diff:
+                out.append(change.diff)
     return "".join(out)
 
 
@@ -222,24 +231,27 @@ def render_batch(changes: Sequence[Change], *, stop_on_failure: bool = True) -> 
         if unless:
             guard_open += f"if ( {unless} ) >/dev/null 2>&1; then hc_mark {index} unchanged; else\n"
             guard_close = "fi\n" + guard_close
+        on_fail = (
+            f"printf 'warning: %s\\n' {shlex.quote(change.warn_on_failure)}; hc_mark {index} warned"
+            if isinstance(change, CommandChange) and change.warn_on_failure
+            else f"hc_mark {index} failed" + ("; exit 1" if stop_on_failure else "")
+        )
         if isinstance(change, CommandChange) and change.detached:
+            # Without a writable $HC_DETACH the command would silently never run while
+            # being reported as changed.
             action = (
-                f'printf "%s\\n" {shlex.quote(body)} >> "$HC_DETACH"; hc_mark {index} changed\n'
+                f'if [ -n "${{HC_DETACH:-}}" ] && printf "%s\\n" {shlex.quote(body)} >> "$HC_DETACH"; '
+                f"then hc_mark {index} changed; else echo 'cannot queue a detached command: "
+                f"HC_DETACH is unset or not writable'; {on_fail}; fi\n"
+            )
+        elif isinstance(change, FileChange):
+            action = (
+                f"{body}; rc=$?\n"
+                f"case $rc in 0) hc_mark {index} changed;; 2) hc_mark {index} unchanged;;"
+                f" *) {on_fail};; esac\n"
             )
         else:
-            on_fail = (
-                f"printf 'warning: %s\\n' {shlex.quote(change.warn_on_failure)}; hc_mark {index} warned"
-                if isinstance(change, CommandChange) and change.warn_on_failure
-                else f"hc_mark {index} failed" + ("; exit 1" if stop_on_failure else "")
-            )
-            if isinstance(change, FileChange):
-                action = (
-                    f"{body}; rc=$?\n"
-                    f"case $rc in 0) hc_mark {index} changed;; 2) hc_mark {index} unchanged;;"
-                    f" *) {on_fail};; esac\n"
-                )
-            else:
-                action = f"if {{ {body}\n}}; then hc_mark {index} changed; else {on_fail}; fi\n"
+            action = f"if {{ {body}\n}}; then hc_mark {index} changed; else {on_fail}; fi\n"
         lines.append(guard_open + action + guard_close)
     lines.append("exit 0\n")
     return "".join(lines)

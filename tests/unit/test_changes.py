@@ -378,3 +378,16 @@ def test_file_path_with_a_space_is_written(tmp_path: Path) -> None:
     change = FileChange(str(path), "ok\n", None)
     assert run([change], tmp_path, "/bin/sh").statuses == ["changed"]
     assert path.read_text() == "ok\n"
+
+
+def test_detached_command_without_a_queue_fails_instead_of_vanishing(tmp_path: Path) -> None:
+    changes: list[Change] = [CommandChange("re-apply eth0", "echo reapply", detached=True),
+                             CommandChange("next", "echo next")]
+    script = render_batch(changes)
+    env = {k: v for k, v in os.environ.items() if k != "HC_DETACH"}
+    result = subprocess.run(["/bin/sh"], input=script, capture_output=True, text=True, timeout=30,
+                            env=env)
+    outcomes = parse_batch_output(result.stdout, len(changes))
+    assert result.returncode == 1
+    assert [o.status for o in outcomes] == ["failed", "not-run"]
+    assert "HC_DETACH" in outcomes[0].output
