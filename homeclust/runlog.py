@@ -7,6 +7,7 @@ admin machine, written as the run goes (a crash keeps what happened so far).
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -26,8 +27,11 @@ class RunLog:
 
     @classmethod
     def for_run(cls, state_dir: Path, command: str) -> RunLog:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        return cls(state_dir / "logs" / f"{stamp}-{command}.jsonl")
+        # Unique even for runs started in the same second (scripts, tests).
+        now = time.time()
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+        millis = int(now * 1000) % 1000
+        return cls(state_dir / "logs" / f"{stamp}.{millis:03d}-{command}-{os.getpid()}.jsonl")
 
     def event(self, kind: str, **data: Any) -> None:
         if self._file is None:
