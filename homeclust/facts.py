@@ -180,7 +180,7 @@ export LC_ALL=C PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 sec() {{ printf '\\n{MARKER} %s\\n' "$1"; }}
 sec os-release; cat /etc/os-release 2>/dev/null
 sec hostname; hostname 2>/dev/null || cat /proc/sys/kernel/hostname
-sec virt; systemd-detect-virt 2>/dev/null || echo none
+sec virt; systemd-detect-virt 2>/dev/null || true
 sec ssh-connection; printf '%s\\n' "${{1:-}}"
 sec links; ip -o link show 2>/dev/null
 sec addresses; ip -o -4 addr show 2>/dev/null
@@ -270,7 +270,7 @@ def parse_facts(output: str) -> HostFacts:
     return HostFacts(
         os=os_release,
         hostname=sections.get("hostname", "").strip(),
-        virtualization=sections.get("virt", "none").strip() or "none",
+        virtualization=parse_virt(sections.get("virt", "")),
         interfaces=interfaces,
         routes=parse_routes(sections.get("routes", "")),
         iptables_backend=backend,
@@ -305,6 +305,15 @@ def parse_os_release(text: str) -> OsRelease:
         version_id=values.get("VERSION_ID", ""),
         pretty_name=values.get("PRETTY_NAME", values["ID"]),
     )
+
+
+def parse_virt(text: str) -> str:
+    """``systemd-detect-virt``: its first word ("none" on bare metal or when it is missing).
+
+    On bare metal it prints "none" *and* exits non-zero, so take one word only.
+    """
+    words = text.split()
+    return words[0] if words else "none"
 
 
 # The MAC group is optional as a whole, so the lazy ".*?" inside it must reach "link/":

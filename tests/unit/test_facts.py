@@ -494,3 +494,20 @@ def test_gather_script_runs_and_its_files_section_parses(tmp_path: Path) -> None
     assert not any(p.startswith("/nonexistent") for p in facts.files)
     assert facts.ssh_peer == SshPeer(IPv4Address("10.77.0.50"), 51234, IPv4Address("10.77.0.10"), 22)
     assert "sha256sum" in facts.commands
+
+
+@pytest.mark.parametrize(("output", "expected"), [
+    ("none\n", "none"),  # bare metal: systemd-detect-virt prints "none" and exits 1
+    ("none\nnone\n", "none"),  # … which an "|| echo none" fallback used to double
+    ("kvm\n", "kvm"),
+    ("systemd-nspawn\n", "systemd-nspawn"),
+    ("", "none"),  # no systemd-detect-virt at all
+])
+def test_virtualization(output: str, expected: str) -> None:
+    assert parse_facts(build(os_release=os_release("debian", "12"), virt=output)).virtualization \
+        == expected
+
+
+def test_recorded_virtualization() -> None:
+    assert recorded("debian12-master").facts().virtualization == "systemd-nspawn"
+    assert recorded("rocky9-master").facts().virtualization == "none"
