@@ -32,6 +32,7 @@ COMMANDS: tuple[str, ...] = (
     "systemd-run", "systemctl", "flock", "iptables", "iptables-save", "iptables-restore",
     "ip6tables", "ifup", "ifdown", "dhclient", "netplan", "nmcli", "hostnamectl", "apt-get",
     "dnf", "yum", "rpm", "dpkg-query", "sha256sum", "base64", "curl", "sudo", "bash",
+    "resolvconf",
 )
 
 #: Files larger than this are reported by hash only (managed files are small configs).

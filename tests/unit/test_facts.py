@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from ipaddress import IPv4Address, IPv4Interface
@@ -12,6 +13,7 @@ import pytest
 
 from homeclust.errors import FactError
 from homeclust.facts import (
+    COMMANDS,
     Route,
     ServiceState,
     SshPeer,
@@ -511,3 +513,15 @@ def test_virtualization(output: str, expected: str) -> None:
 def test_recorded_virtualization() -> None:
     assert recorded("debian12-master").facts().virtualization == "systemd-nspawn"
     assert recorded("rocky9-master").facts().virtualization == "none"
+
+
+def test_every_command_homeclust_asks_about_is_gathered() -> None:
+    """``facts.has_command(X)`` is only meaningful if the script looks for X."""
+    package = Path(__file__).resolve().parents[2] / "homeclust"
+    asked = {
+        name
+        for source in package.rglob("*.py")
+        for name in re.findall(r"has_command\(\s*[\"']([^\"']+)[\"']", source.read_text())
+    }
+    assert asked, "expected at least one has_command() call"
+    assert asked <= set(COMMANDS), f"not gathered: {sorted(asked - set(COMMANDS))}"

@@ -75,6 +75,13 @@ def test_fresh_debian_worker_gets_gateway_dns_and_no_dhclient_conf() -> None:
     assert result.guard is not None
 
 
+def test_debian_worker_with_resolvconf_leaves_resolv_conf_to_it() -> None:
+    facts = recorded("debian12-worker").add_lines("commands", "resolvconf").facts()
+    written = files(plan(facts, "worker1"))
+    assert "/etc/resolv.conf" not in written
+    assert "dns-nameservers 8.8.8.8" in (written["/etc/network/interfaces"].content or "")
+
+
 def test_fresh_rocky_master_replaces_installer_keyfiles_and_sets_the_hostname() -> None:
     result = plan(recorded("rocky9-master").facts(), "master")
     written = files(result)
