@@ -402,8 +402,13 @@ def render_hosts(inventory: Inventory, current: str | None) -> str:
             if line.strip() == HOSTS_END:
                 inside = False
             continue
-        words = line.split("#", 1)[0].split()
+        entry, hash_, comment = line.partition("#")
+        words = entry.split()
         if len(words) >= 2 and names & {w.split(".")[0] for w in words[1:]}:
+            # Drop the node names only: "127.0.0.1 localhost master" keeps localhost.
+            others = [w for w in words[1:] if w.split(".")[0] not in names]
+            if others:
+                kept.append(f"{words[0]}\t{' '.join(others)}" + (f"  #{comment}" if hash_ else ""))
             continue
         kept.append(line)
     while kept and not kept[-1].strip():

@@ -372,3 +372,15 @@ def test_hosts_without_a_file_starts_from_the_defaults() -> None:
 
 def test_hostname() -> None:
     assert render_hostname(INV.node("worker2")) == "worker2\n"
+
+
+def test_hosts_keeps_other_names_on_a_line_that_also_names_a_node() -> None:
+    current = ("127.0.0.1   localhost localhost.localdomain master  # set by hand\n"
+               "::1         localhost master.example.org\n"
+               "10.77.0.10  cluster-master.example.org master\n")
+    rendered = render_hosts(INV, current)
+    lines = rendered.splitlines()
+    assert lines[:3] == ["127.0.0.1\tlocalhost localhost.localdomain  # set by hand",
+                         "::1\tlocalhost",
+                         "10.77.0.10\tcluster-master.example.org"]
+    assert render_hosts(INV, rendered) == rendered
