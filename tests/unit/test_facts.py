@@ -525,3 +525,51 @@ def test_every_command_homeclust_asks_about_is_gathered() -> None:
     }
     assert asked, "expected at least one has_command() call"
     assert asked <= set(COMMANDS), f"not gathered: {sorted(asked - set(COMMANDS))}"
+
+
+# --------------------------------------------------------------------------- install commands
+
+
+@pytest.mark.skipif(not Path("/bin/bash").exists(), reason="needs bash (function names with '-')")
+def test_apt_install_retries_once_after_updating_the_lists(tmp_path: Path) -> None:
+    platform = platform_of(recorded("debian12-master").facts())
+    command = platform.install_command(["iptables-persistent", "iptables", "iptables"])
+    assert "iptables iptables-persistent" in command  # sorted, no duplicates
+    log = tmp_path / "apt.log"
+    fake = (
+        f"apt-get() {{ echo \"$DEBIAN_FRONTEND $*\" >> {log};"
+        f" [ \"$1\" = update ] && touch {tmp_path}/updated && return 0;"
+        f" [ -e {tmp_path}/updated ]; }}\n"
+    )
+    subprocess.run(["/bin/bash", "-c", fake + command], check=True, timeout=10)
+    calls = log.read_text().splitlines()
+    assert [c.split()[1] for c in calls] == ["install", "update", "install"]
+    assert calls[0].startswith("noninteractive ") and calls[2].startswith("noninteractive ")
+    assert "--force-confold" in calls[0] and "--no-install-recommends" in calls[0]
+
+
+def test_rpm_install_commands() -> None:
+    assert platform_of(recorded("centos7-worker").facts()).install_command(["b", "a"]) == (
+        "yum install -y -q a b")
+    assert platform_of(recorded("rocky9-master").facts()).install_command(["iptables-services"]) \
+        == "dnf install -y -q iptables-services"
+
+
+@pytest.mark.parametrize(("name", "packages", "rules", "service", "conflicts"), [
+    ("debian12-master", ("iptables", "iptables-persistent"), "/etc/iptables/rules.v4",
+     "netfilter-persistent", ("ufw", "firewalld")),
+    ("ubuntu2204-master", ("iptables", "iptables-persistent"), "/etc/iptables/rules.v4",
+     "netfilter-persistent", ("ufw", "firewalld")),
+    ("centos7-worker", ("iptables", "iptables-services"), "/etc/sysconfig/iptables", "iptables",
+     ("firewalld",)),
+    ("rocky9-master", ("iptables-nft", "iptables-services"), "/etc/sysconfig/iptables", "iptables",
+     ("firewalld",)),
+])
+def test_firewall_persistence_per_platform(name: str, packages: tuple[str, ...], rules: str,
+                                           service: str, conflicts: tuple[str, ...]) -> None:
+    platform = platform_of(recorded(name).facts())
+    assert platform.firewall_packages == packages
+    assert platform.firewall_rules_path == rules
+    assert platform.firewall_service == service
+    assert platform.conflicting_firewall_services == conflicts
+    assert (platform.firewall_preseed is not None) == (platform.family == "debian")

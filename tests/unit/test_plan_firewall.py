@@ -133,6 +133,9 @@ def test_hand_added_input_rule_reloads_the_table_under_guard() -> None:
     (load,) = result.changes
     assert load in loads(result)
     assert result.guard is not None
+    # plan shows what the reload removes, live -> wanted.
+    assert "\n--A INPUT -i eth0 -p tcp -m tcp --dport 8080 -j ACCEPT\n" in result.diff()
+    assert "\n+-A INPUT" not in result.diff()
 
 
 def test_policy_switched_to_accept_is_drift() -> None:
