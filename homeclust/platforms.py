@@ -125,21 +125,25 @@ ALL_NETWORK_FACT_PATHS: tuple[str, ...] = tuple(
 )
 
 
+#: RHEL and its rebuilds (their ID_LIKE names rhel too, except Oracle Linux's).
+RHEL_IDS = ("rhel", "centos", "rocky", "almalinux", "ol")
+
+
 def detect(os_release: OsRelease) -> Platform:
     """The platform of an ``/etc/os-release``; unsupported systems are a FactError."""
-    ids = (os_release.id, *os_release.id_like)
     major = os_release.major
     if os_release.id == "ubuntu":
         if major < 20:
             raise _unsupported(os_release)
         return Platform(f"ubuntu{os_release.version_id}", "debian", major, "apt", "netplan", True)
-    if os_release.id == "debian" or (
-        "debian" in ids and os_release.id not in ("ubuntu",) and "ubuntu" not in ids
-    ):
-        if os_release.id == "debian" and major and major < 11:
+    # Derivatives are not assumed to configure networks like their base: Raspberry Pi
+    # OS and Kali (ID_LIKE=debian) use NetworkManager or dhcpcd, Amazon Linux 2023
+    # (ID_LIKE=fedora) systemd-networkd.  RHEL rebuilds (ID_LIKE=rhel) are RHEL.
+    if os_release.id == "debian":
+        if major and major < 11:
             raise _unsupported(os_release)
         return Platform(f"debian{major or ''}", "debian", major, "apt", "ifupdown", True)
-    if any(i in ("rhel", "centos", "fedora", "rocky", "almalinux") for i in ids):
+    if os_release.id in RHEL_IDS or any(i in ("rhel", "centos") for i in os_release.id_like):
         if major == 7:
             # systemd 219: no "-" prefix in sysctl.d; legacy network service.
             return Platform(f"{os_release.id}7", "rhel", 7, "yum", "ifcfg", False)

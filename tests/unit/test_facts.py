@@ -107,6 +107,8 @@ def test_platform_of_recordings(name: str, expected: Platform) -> None:
     (os_release("almalinux", "9.4", "rhel centos fedora"), "almalinux9", "rhel", "nm-keyfile"),
     (os_release("centos", "9", "rhel fedora"), "centos9", "rhel", "nm-keyfile"),
     (os_release("centos", "7", "rhel fedora"), "centos7", "rhel", "ifcfg"),
+    (os_release("ol", "8.9", "fedora"), "ol8", "rhel", "nm-ifcfg"),
+    (os_release("debian", "", pretty="Debian GNU/Linux trixie/sid"), "debian", "debian", "ifupdown"),
 ])
 def test_supported_releases(release: str, name: str, family: str, backend: str) -> None:
     platform = detect(parse_os_release(release))
@@ -123,6 +125,13 @@ def test_supported_releases(release: str, name: str, family: str, backend: str) 
     os_release("centos", "6", "rhel fedora", pretty="CentOS release 6.10"),
     os_release("alpine", "3.19.1", pretty="Alpine Linux v3.19"),
     os_release("opensuse-leap", "15.5", "suse opensuse", pretty="openSUSE Leap 15.5"),
+    # Derivatives that configure their network differently from their base:
+    os_release("raspbian", "12", "debian", pretty="Raspbian GNU/Linux 12 (bookworm)"),
+    os_release("kali", "2024.1", "debian", pretty="Kali GNU/Linux Rolling"),
+    os_release("amzn", "2023", "fedora", pretty="Amazon Linux 2023"),
+    os_release("amzn", "2", "centos rhel fedora", pretty="Amazon Linux 2"),
+    os_release("fedora", "39", pretty="Fedora Linux 39 (Server Edition)"),
+    os_release("linuxmint", "21.3", "ubuntu debian", pretty="Linux Mint 21.3"),
 ])
 def test_unsupported_releases_are_a_clear_fact_error(release: str) -> None:
     parsed = parse_os_release(release)
