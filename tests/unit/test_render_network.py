@@ -96,7 +96,7 @@ def test_interface_files_match_golden(backend: NetworkBackend, node: str) -> Non
         check_golden(f"network/{backend}/{node}{path}", spec.content)
 
 
-@pytest.mark.parametrize("backend", ["ifupdown", "ifcfg", "nm-keyfile"])
+@pytest.mark.parametrize("backend", ["ifupdown", "netplan", "ifcfg", "nm-ifcfg", "nm-keyfile"])
 def test_static_public_master_matches_golden(backend: NetworkBackend) -> None:
     rendered = interface_files(backend, specs(STATIC_INV, "master"), NO_EXISTING)
     for path, spec in rendered.files.items():
