@@ -367,7 +367,9 @@ class Runner:
                 result.checks.append(CheckItem(node.name, "probes", "fail", exc.message))
                 return
             ctx = self.context(node)
-            for step in self.steps_for(node):
+            # Every selected step, not only those targeting the node: the nat step
+            # runs on the master, but its proof (egress) is on every worker.
+            for step in self.steps:
                 for probe in step.probes(ctx):
                     try:
                         out = self.run_script(host, f"probe:{probe.name}", probe.script,

@@ -345,11 +345,10 @@ def _pump(channel: paramiko.Channel, stdin: bytes, deadline: float
         while channel.recv_stderr_ready():
             err.append(channel.recv_stderr(65536))
             progressed = True
-        if channel.exit_status_ready() and not channel.recv_ready() and \
-                not channel.recv_stderr_ready():
-            # Drain anything that raced with the exit status.
-            while channel.recv_ready():
-                out.append(channel.recv(65536))
+        # The exit status can arrive before the last output: finish only when the
+        # server has also signalled end of output (or closed the channel).
+        finished = channel.exit_status_ready() and (channel.eof_received or channel.closed)
+        if finished and not channel.recv_ready() and not channel.recv_stderr_ready():
             return b"".join(out), b"".join(err), channel.recv_exit_status()
         if time.monotonic() > deadline:
             raise TimeoutError

@@ -127,7 +127,8 @@ class Step(ABC):
         return []
 
     def probes(self, ctx: PlanContext) -> list[Probe]:
-        """Behaviour tests for ``homeclust check`` (run on the host)."""
+        """Behaviour tests for ``homeclust check``, run on ``ctx.node`` -- asked for every
+        node in the run, also those the step does not target."""
         return []
 
 
