@@ -14,7 +14,7 @@ import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, ip_address
 
 from homeclust.errors import FactError
 
@@ -30,6 +30,7 @@ SYSCTL_KEYS: tuple[str, ...] = (
 #: Commands whose presence steps and the runner care about.
 COMMANDS: tuple[str, ...] = (
     "systemd-run", "systemctl", "flock", "iptables", "iptables-save", "iptables-restore",
+    "ip6tables-save", "ip6tables-restore",
     "ip6tables", "ifup", "ifdown", "dhclient", "netplan", "nmcli", "hostnamectl", "apt-get",
     "dnf", "yum", "rpm", "dpkg-query", "sha256sum", "base64", "curl", "sudo", "bash",
     "resolvconf",
@@ -61,6 +62,7 @@ class Interface:
     mac: str | None
     up: bool
     addresses: tuple[IPv4Interface, ...] = ()
+    addresses6: tuple[IPv6Interface, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,9 @@ class ServiceState:
 class SshPeer:
     """``$SSH_CONNECTION`` as the host saw our session: who we are, where we arrived."""
 
-    client_address: IPv4Address
+    client_address: IPv4Address | IPv6Address
     client_port: int
-    server_address: IPv4Address
+    server_address: IPv4Address | IPv6Address
     server_port: int
 
 
@@ -120,6 +122,8 @@ class HostFacts:
     routes: tuple[Route, ...]
     iptables_backend: str | None  # "nf_tables", "legacy" or None when iptables is missing
     iptables: Mapping[str, str]  # table name -> normalized iptables-save text of that table
+    ip6tables: Mapping[str, str]  # the same for ip6tables-save
+    ipv6: bool  # the kernel has IPv6 (then it must be firewalled too)
     sysctls: Mapping[str, Sysctl]
     packages: Mapping[str, str]  # name -> version (installed only)
     services: Mapping[str, ServiceState]
@@ -143,9 +147,10 @@ class HostFacts:
     def default_routes(self) -> tuple[Route, ...]:
         return tuple(r for r in self.routes if r.is_default)
 
-    def interface_with_address(self, address: IPv4Address) -> str | None:
+    def interface_with_address(self, address: IPv4Address | IPv6Address) -> str | None:
         for iface in self.interfaces.values():
-            if any(a.ip == address for a in iface.addresses):
+            if any(a.ip == address for a in iface.addresses) or any(
+                    a.ip == address for a in iface.addresses6):
                 return iface.name
         return None
 
@@ -185,9 +190,12 @@ sec virt; systemd-detect-virt 2>/dev/null || true
 sec ssh-connection; printf '%s\\n' "${{1:-}}"
 sec links; ip -o link show 2>/dev/null
 sec addresses; ip -o -4 addr show 2>/dev/null
+sec addresses6; ip -o -6 addr show 2>/dev/null
+sec ipv6; [ -e /proc/net/if_inet6 ] && echo yes || echo no
 sec routes; ip -4 route show table main 2>/dev/null
 sec iptables-version; iptables --version 2>/dev/null
 sec iptables-save; iptables-save 2>/dev/null
+sec ip6tables-save; ip6tables-save 2>/dev/null
 sec sysctl
 for key in {sysctl_words}; do
   f=/proc/sys/$(printf '%s' "$key" | tr . /)
@@ -263,8 +271,10 @@ def parse_facts(output: str) -> HostFacts:
     os_release = parse_os_release(sections.get("os-release", ""))
     links = parse_links(sections.get("links", ""))
     addresses = parse_addresses(sections.get("addresses", ""))
+    addresses6 = parse_addresses6(sections.get("addresses6", ""))
     interfaces = {
-        name: Interface(name, mac, up, tuple(addresses.get(name, ())))
+        name: Interface(name, mac, up, tuple(addresses.get(name, ())),
+                        tuple(addresses6.get(name, ())))
         for name, (mac, up) in links.items()
     }
     backend, _ = parse_iptables_version(sections.get("iptables-version", ""))
@@ -276,6 +286,8 @@ def parse_facts(output: str) -> HostFacts:
         routes=parse_routes(sections.get("routes", "")),
         iptables_backend=backend,
         iptables=parse_iptables_save(sections.get("iptables-save", "")),
+        ip6tables=parse_iptables_save(sections.get("ip6tables-save", "")),
+        ipv6=sections.get("ipv6", "").strip() == "yes",
         sysctls=parse_sysctls(sections.get("sysctl", "")),
         packages=parse_packages(sections.get("packages", "")),
         services=parse_services(sections.get("unit-files", ""), sections.get("active-units", "")),
@@ -346,6 +358,19 @@ def parse_addresses(text: str) -> dict[str, list[IPv4Interface]]:
         match = _ADDR_RE.match(line)
         if match:
             found.setdefault(match.group(1), []).append(IPv4Interface(match.group(2)))
+    return found
+
+
+_ADDR6_RE = re.compile(r"^\d+:\s+(\S+)\s+inet6\s+([0-9a-fA-F:]+/\d+)")
+
+
+def parse_addresses6(text: str) -> dict[str, list[IPv6Interface]]:
+    """``ip -o -6 addr show`` -> {interface: [address/prefix, …]}."""
+    found: dict[str, list[IPv6Interface]] = {}
+    for line in text.splitlines():
+        match = _ADDR6_RE.match(line)
+        if match:
+            found.setdefault(match.group(1), []).append(IPv6Interface(match.group(2)))
     return found
 
 
@@ -494,9 +519,9 @@ def parse_ssh_connection(text: str) -> SshPeer | None:
     if len(words) != 4:
         return None
     try:
-        return SshPeer(IPv4Address(words[0]), int(words[1]), IPv4Address(words[2]), int(words[3]))
+        return SshPeer(ip_address(words[0]), int(words[1]), ip_address(words[2]), int(words[3]))
     except ValueError:
-        return None  # an IPv6 session: the firewall's lockout check then has nothing to go on
+        return None
 
 
 def summarize(facts: HostFacts) -> dict[str, object]:
@@ -512,6 +537,7 @@ def summarize(facts: HostFacts) -> dict[str, object]:
                 "mac": iface.mac,
                 "up": iface.up,
                 "addresses": [str(a) for a in iface.addresses],
+                "addresses6": [str(a) for a in iface.addresses6],
             }
             for name, iface in sorted(facts.interfaces.items())
         },
@@ -524,6 +550,8 @@ def summarize(facts: HostFacts) -> dict[str, object]:
         ],
         "iptables_backend": facts.iptables_backend,
         "iptables_tables": sorted(facts.iptables),
+        "ipv6": facts.ipv6,
+        "ip6tables_tables": sorted(facts.ip6tables),
         "sysctls": {k: v.value for k, v in sorted(facts.sysctls.items())},
         "packages": len(facts.packages),
         "active_services": sorted(u for u, s in facts.services.items() if s.active),

@@ -14,7 +14,7 @@ import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -83,7 +83,7 @@ class NatSpec:
 
 @dataclass(frozen=True)
 class FirewallSpec:
-    ssh_from: tuple[IPv4Network, ...]
+    ssh_from: tuple[IPv4Network | IPv6Network, ...]  # IPv6 networks open SSH over IPv6
     public_tcp_ports: tuple[int, ...]
     log_dropped: bool
 
@@ -357,6 +357,20 @@ def _parse_network(raw: str, error: Any) -> IPv4Network:
         ) from None
 
 
+def _parse_any_network(raw: str, error: Any) -> IPv4Network | IPv6Network:
+    """An IPv4 or IPv6 network in CIDR form, host bits zero."""
+    if ":" not in raw:
+        return _parse_network(raw, error)
+    try:
+        return IPv6Network(raw, strict=True)
+    except ValueError as exc:
+        try:
+            loose = ip_network(raw, strict=False)
+        except ValueError:
+            raise error(f"is not an IPv6 network in CIDR form: {raw!r} ({exc})") from None
+        raise error(f"has host bits set: {raw!r}", f"did you mean {str(loose)!r}?") from None
+
+
 _TOP_LEVEL = ("cluster", "ssh", "master", "workers", "nat", "firewall", "repo",
               "scheduler", "monitor", "check")
 
@@ -441,7 +455,7 @@ def parse_inventory(data: Mapping[str, Any], path: Path) -> Inventory:
 
     fw_t = _Table(path, "firewall", data.get("firewall"))
     ssh_from = tuple(
-        _parse_network(item, lambda msg, hint=None: fw_t.error("ssh_from", msg, hint))
+        _parse_any_network(item, lambda msg, hint=None: fw_t.error("ssh_from", msg, hint))
         for item in fw_t.string_list("ssh_from", ["0.0.0.0/0"])
     )
     if not ssh_from:

@@ -83,8 +83,19 @@ class Platform:
         return "/etc/iptables/rules.v4" if self.family == "debian" else "/etc/sysconfig/iptables"
 
     @property
+    def firewall_rules6_path(self) -> str:
+        """IPv6 rules loaded at boot (ip6tables-save format)."""
+        return "/etc/iptables/rules.v6" if self.family == "debian" else "/etc/sysconfig/ip6tables"
+
+    @property
     def firewall_service(self) -> str:
+        """The unit that loads the IPv4 rules at boot."""
         return "netfilter-persistent" if self.family == "debian" else "iptables"
+
+    @property
+    def firewall6_service(self) -> str:
+        """The unit that loads the IPv6 rules at boot (the same one on Debian)."""
+        return "netfilter-persistent" if self.family == "debian" else "ip6tables"
 
     @property
     def conflicting_firewall_services(self) -> tuple[str, ...]:

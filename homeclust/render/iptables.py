@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from homeclust.facts import normalize_iptables
 from homeclust.inventory import Inventory, Node
@@ -38,7 +38,7 @@ def _table(name: str, policies: dict[str, str], rules: Iterable[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _source(network: IPv4Network) -> str:
+def _source(network: IPv4Network | IPv6Network) -> str:
     return "" if network.prefixlen == 0 else f"-s {network} "
 
 
@@ -72,7 +72,7 @@ def render_filter_table(inventory: Inventory, node: Node) -> str:
                 rules += [
                     f"-A INPUT {_source(net)}-i {m.public_interface} -p tcp -m tcp --dport {port} "
                     "-j ACCEPT"
-                    for net in fw.ssh_from
+                    for net in fw.ssh_from if net.version == 4
                 ]
             else:
                 rules.append(f"-A INPUT -i {m.public_interface} -p tcp -m tcp --dport {port} -j ACCEPT")
@@ -86,6 +86,38 @@ def render_filter_table(inventory: Inventory, node: Node) -> str:
             rules.append(_log("FORWARD", "forward"))
     elif inventory.firewall.log_dropped:
         rules.append(_log("INPUT", "input"))
+    return _table("filter", {"INPUT": "DROP", "FORWARD": "DROP"}, rules)
+
+
+def render_filter6_table(inventory: Inventory, node: Node) -> str:
+    """The IPv6 counterpart: the same default-deny, so IPv6 is no way around the IPv4 rules.
+
+    The cluster itself speaks IPv4; IPv6 gets loopback, established traffic,
+    ICMPv6 (neighbour discovery and path MTU need it), DHCPv6 replies, the
+    private interface, and SSH on the public side only from IPv6 networks
+    listed in ``[firewall] ssh_from``.  Nothing is forwarded.
+    """
+    rules = [
+        "-A INPUT -i lo -j ACCEPT",
+        "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        "-A INPUT -p ipv6-icmp -j ACCEPT",
+        "-A INPUT -s fe80::/10 -p udp -m udp --dport 546 -j ACCEPT",
+        f"-A INPUT -i {node.private_interface} -j ACCEPT",
+    ]
+    if node.is_master:
+        m = inventory.master
+        fw = inventory.firewall
+        for port in fw.public_tcp_ports:
+            if port == inventory.ssh.port:
+                rules += [
+                    f"-A INPUT {_source(net)}-i {m.public_interface} -p tcp -m tcp --dport {port} "
+                    "-j ACCEPT"
+                    for net in fw.ssh_from if net.version == 6
+                ]
+            else:
+                rules.append(f"-A INPUT -i {m.public_interface} -p tcp -m tcp --dport {port} -j ACCEPT")
+    if inventory.firewall.log_dropped:
+        rules.append(_log("INPUT", "input6"))
     return _table("filter", {"INPUT": "DROP", "FORWARD": "DROP"}, rules)
 
 
@@ -160,9 +192,10 @@ def replace_table(current: str | None, table: str, rendered: str) -> str:
     )
 
 
-def restore_command(rendered: str) -> str:
+def restore_command(rendered: str, *, ipv6: bool = False) -> str:
     """Load one table atomically (tables not in the input are left alone)."""
-    return f"iptables-restore <<'HOMECLUST_RULES_EOF'\n{rendered}HOMECLUST_RULES_EOF"
+    tool = "ip6tables-restore" if ipv6 else "iptables-restore"
+    return f"{tool} <<'HOMECLUST_RULES_EOF'\n{rendered}HOMECLUST_RULES_EOF"
 
 
 def chain_policy(table_text: str | None, chain: str) -> str | None:

@@ -19,12 +19,17 @@ drop the admin's own SSH path is refused before anything is sent.
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from homeclust.changes import Change
 from homeclust.errors import StepError
 from homeclust.inventory import Inventory, Node
-from homeclust.render.iptables import chain_policy, chain_rules, render_filter_table
+from homeclust.render.iptables import (
+    chain_policy,
+    chain_rules,
+    render_filter6_table,
+    render_filter_table,
+)
 from homeclust.steps.base import CheckItem, Guard, PlanContext, Step, StepPlan
 from homeclust.steps.netfilter import persistence_changes, table_changes
 
@@ -34,12 +39,12 @@ ROLLBACK_AFTER = 30
 _AFTER_RESTORE = "systemctl try-restart fail2ban.service >/dev/null 2>&1 || true"
 
 
-def admin_path_allowed(inventory: Inventory, node: Node, client: IPv4Address,
+def admin_path_allowed(inventory: Inventory, node: Node, client: IPv4Address | IPv6Address,
                        arrived_on: str | None, server_port: int) -> str | None:
     """Why the rendered policy would cut the session described, or None if it would not."""
     private = inventory.cluster.private_network
-    if arrived_on == node.private_interface and client in private:
-        return None
+    if arrived_on == node.private_interface and (client.version == 6 or client in private):
+        return None  # IPv6 on the private interface is accepted as a whole
     if node.is_master and arrived_on == inventory.master.public_interface:
         fw = inventory.firewall
         if server_port != inventory.ssh.port:
@@ -48,7 +53,7 @@ def admin_path_allowed(inventory: Inventory, node: Node, client: IPv4Address,
         if server_port not in fw.public_tcp_ports:
             return (f"SSH port {server_port} is not in [firewall] public_tcp_ports, so the "
                     "public side would be closed to SSH")
-        if not any(client in net for net in fw.ssh_from):
+        if not any(client.version == net.version and client in net for net in fw.ssh_from):
             return (f"your address {client} is not in [firewall] ssh_from "
                     f"({', '.join(map(str, fw.ssh_from))})")
         return None
@@ -62,7 +67,8 @@ class FirewallStep(Step):
     name = "firewall"
     summary = "default-deny iptables policies, persistent, with lockout protection"
     depends_on = ("network", "nat")
-    fact_paths = ("/etc/iptables/rules.v4", "/etc/sysconfig/iptables")
+    fact_paths = ("/etc/iptables/rules.v4", "/etc/sysconfig/iptables",
+                  "/etc/iptables/rules.v6", "/etc/sysconfig/ip6tables")
 
     def plan(self, ctx: PlanContext) -> StepPlan:
         inventory, node, facts = ctx.inventory, ctx.node, ctx.facts
@@ -81,16 +87,30 @@ class FirewallStep(Step):
                     f"{node.name}: refusing to apply a firewall that would lock you out: {problem}",
                     hint="fix [firewall] in the inventory; nothing was changed",
                 )
+        platform = ctx.platform
+        services = [platform.firewall_service]
+        if facts.ipv6:
+            services.append(platform.firewall6_service)
         changes: list[Change] = []
-        changes += persistence_changes(ctx)
+        changes += persistence_changes(ctx, services)
         table, live_differs = table_changes(ctx, "filter", render_filter_table(inventory, node),
                                             after_restore=_AFTER_RESTORE)
         changes += table
+        snapshot = ['iptables-save > "$HC_TXN/backup/iptables.rules"']
+        restore = ['iptables-restore < "$HC_TXN/backup/iptables.rules"']
+        if facts.ipv6:
+            # Without this, IPv6 would be a way around every IPv4 rule.
+            table6, live6_differs = table_changes(
+                ctx, "filter", render_filter6_table(inventory, node), ipv6=True)
+            changes += table6
+            live_differs = live_differs or live6_differs
+            snapshot.append('ip6tables-save > "$HC_TXN/backup/ip6tables.rules"')
+            restore.append('ip6tables-restore < "$HC_TXN/backup/ip6tables.rules"')
         guard = None
         if live_differs:
             guard = Guard(
-                snapshot='iptables-save > "$HC_TXN/backup/iptables.rules"',
-                restore='iptables-restore < "$HC_TXN/backup/iptables.rules"',
+                snapshot="\n".join(snapshot),
+                restore="\n".join(restore),
                 rollback_after=ROLLBACK_AFTER,
                 reason="a new filter table may block SSH",
             )
@@ -101,11 +121,17 @@ class FirewallStep(Step):
         node, facts, inventory = ctx.node, ctx.facts, ctx.inventory
         live = facts.iptables.get("filter")
         items = []
+        fix = f"homeclust up --only firewall --host {node.name}"
         for chain in ("INPUT", "FORWARD"):
             policy = chain_policy(live, chain)
             items.append(CheckItem(
                 node.name, f"{chain} policy", "pass" if policy == "DROP" else "fail",
-                f"{chain} {policy or 'no filter table'}", f"homeclust up --only firewall --host {node.name}"))
+                f"{chain} {policy or 'no filter table'}", fix))
+        if facts.ipv6:
+            policy6 = chain_policy(facts.ip6tables.get("filter"), "INPUT")
+            items.append(CheckItem(
+                node.name, "IPv6 INPUT policy", "pass" if policy6 == "DROP" else "fail",
+                f"INPUT {policy6 or 'no filter table'}", fix))
         if node.is_master:
             m = inventory.master
             wrong = []
@@ -121,9 +147,11 @@ class FirewallStep(Step):
                 f"new connections only {m.private_interface} -> {m.public_interface}; "
                 "replies via conntrack",
                 "remove the extra FORWARD accepts: homeclust up --only firewall"))
-        service = ctx.platform.firewall_service
+        services = dict.fromkeys([ctx.platform.firewall_service] + (
+            [ctx.platform.firewall6_service] if facts.ipv6 else []))
+        disabled = [unit for unit in services if not facts.service_enabled(unit)]
         items.append(CheckItem(
-            node.name, "rules persist at boot", "pass" if facts.service_enabled(service) else "fail",
-            f"{service} {'enabled' if facts.service_enabled(service) else 'not enabled'}",
-            f"homeclust up --only firewall --host {node.name}"))
+            node.name, "rules persist at boot", "fail" if disabled else "pass",
+            f"{', '.join(disabled)} not enabled" if disabled else f"{', '.join(services)} enabled",
+            fix))
         return items

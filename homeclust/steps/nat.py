@@ -77,7 +77,7 @@ class NatStep(Step):
                 "does not exist", hint="run the network step first, or fix [master] public_interface")
         changes: list[Change] = []
         warnings: list[str] = []
-        changes += persistence_changes(ctx)
+        changes += persistence_changes(ctx, [platform.firewall_service])
         for path, content in (
             (SYSCTL_PATH, render_sysctl_conf(inventory, dash_prefix=platform.sysctl_dash_prefix)),
             (MODULES_PATH, render_modules_conf()),

@@ -38,9 +38,9 @@ MARKER = "@@homeclust-fact@@"
 
 #: The sections in the order gather_script prints them.
 SECTIONS = (
-    "os-release", "hostname", "virt", "ssh-connection", "links", "addresses", "routes",
-    "iptables-version", "iptables-save", "sysctl", "packages", "unit-files", "active-units",
-    "commands", "transactions", "files", "end",
+    "os-release", "hostname", "virt", "ssh-connection", "links", "addresses", "addresses6",
+    "ipv6", "routes", "iptables-version", "iptables-save", "ip6tables-save", "sysctl",
+    "packages", "unit-files", "active-units", "commands", "transactions", "files", "end",
 )
 
 #: Files the script sends by hash only are those larger than this (MAX_FILE_CONTENT).
@@ -177,24 +177,28 @@ class FactsBuilder:
 
 
 def build(*, os_release: str = "", hostname: str = "", virt: str = "none", ssh_connection: str = "",
-          links: str = "", addresses: str = "", routes: str = "", iptables_version: str = "",
-          iptables_save: str = "", sysctl: str | Mapping[str, tuple[str, str] | None] = "",
+          links: str = "", addresses: str = "", addresses6: str = "", ipv6: str = "no",
+          routes: str = "", iptables_version: str = "",
+          iptables_save: str = "", ip6tables_save: str = "",
+          sysctl: str | Mapping[str, tuple[str, str] | None] = "",
           packages: str = "", unit_files: str = "", active_units: str = "",
           commands: Iterable[str] = (), transactions: Iterable[str] = (),
           files: Mapping[str, str | bytes | FileRecord] | None = None, complete: bool = True) -> str:
     """Raw facts output from keyword arguments (see the module docstring)."""
     return builder(
         os_release=os_release, hostname=hostname, virt=virt, ssh_connection=ssh_connection,
-        links=links, addresses=addresses, routes=routes, iptables_version=iptables_version,
-        iptables_save=iptables_save, sysctl=sysctl, packages=packages, unit_files=unit_files,
+        links=links, addresses=addresses, addresses6=addresses6, ipv6=ipv6, routes=routes,
+        iptables_version=iptables_version, iptables_save=iptables_save,
+        ip6tables_save=ip6tables_save, sysctl=sysctl, packages=packages, unit_files=unit_files,
         active_units=active_units, commands=commands, transactions=transactions, files=files,
         complete=complete,
     ).build()
 
 
 def builder(*, os_release: str = "", hostname: str = "", virt: str = "none",
-            ssh_connection: str = "", links: str = "", addresses: str = "", routes: str = "",
-            iptables_version: str = "", iptables_save: str = "",
+            ssh_connection: str = "", links: str = "", addresses: str = "",
+            addresses6: str = "", ipv6: str = "no", routes: str = "",
+            iptables_version: str = "", iptables_save: str = "", ip6tables_save: str = "",
             sysctl: str | Mapping[str, tuple[str, str] | None] = "", packages: str = "",
             unit_files: str = "", active_units: str = "", commands: Iterable[str] = (),
             transactions: Iterable[str] = (),
@@ -208,9 +212,12 @@ def builder(*, os_release: str = "", hostname: str = "", virt: str = "none",
         "ssh-connection": ssh_connection,
         "links": links,
         "addresses": addresses,
+        "addresses6": addresses6,
+        "ipv6": ipv6,
         "routes": routes,
         "iptables-version": iptables_version,
         "iptables-save": iptables_save,
+        "ip6tables-save": ip6tables_save,
         "sysctl": sysctl if isinstance(sysctl, str) else sysctl_lines(sysctl),
         "packages": packages,
         "unit-files": unit_files,
@@ -351,9 +358,9 @@ def converged(name: str) -> FactsBuilder:
             "/etc/modules-load.d/homeclust-nat.conf":
                 golden_text("nat/etc/modules-load.d/homeclust-nat.conf"),
         }
-    rules = FileRecord(golden_text(
-        "iptables/rules-master.v4" if name.endswith("master") else "iptables/rules-worker.v4",
-    ).encode(), 0o600)
+    role = "master" if name.endswith("master") else "worker"
+    rules = FileRecord(golden_text(f"iptables/rules-{role}.v4").encode(), 0o600)
+    rules6 = FileRecord(golden_text(f"iptables/rules-{role}.v6").encode(), 0o600)
     master_sysctls = {
         "net.ipv4.ip_forward": ("rw", "1"),
         "net.netfilter.nf_conntrack_max": ("rw", "131072"),
@@ -370,9 +377,11 @@ def converged(name: str) -> FactsBuilder:
                     "network/ifupdown/master/etc/dhcp/dhclient.conf"),
                 "/etc/hosts": golden_text("network/hosts/debian12-master/etc/hosts"),
                 "/etc/iptables/rules.v4": rules,
+                "/etc/iptables/rules.v6": rules6,
                 **nat_files,
             },
             iptables_save=save,
+            ip6tables_save=fixture_text(f"iptables/{name}-converged6.save"),
             sysctl=sysctl_lines(master_sysctls),
         ).add_lines(
             "packages", *dpkg_lines({"iptables-persistent": "1.0.20",
@@ -391,8 +400,10 @@ def converged(name: str) -> FactsBuilder:
                 "/etc/resolv.conf": golden_text("network/ifupdown/worker1/etc/resolv.conf"),
                 "/etc/hosts": golden_text("network/hosts/debian12-worker/etc/hosts"),
                 "/etc/iptables/rules.v4": rules,
+                "/etc/iptables/rules.v6": rules6,
             },
             iptables_save=save,
+            ip6tables_save=fixture_text(f"iptables/{name}-converged6.save"),
         ).add_lines(
             "packages", *dpkg_lines({"iptables-persistent": "1.0.20",
                                      "netfilter-persistent": "1.0.20"}).splitlines(),
@@ -418,11 +429,13 @@ def converged(name: str) -> FactsBuilder:
                 "/etc/hosts": golden_text("network/hosts/rocky9-master/etc/hosts"),
                 "/etc/hostname": "master\n",
                 "/etc/sysconfig/iptables": rules,
+                "/etc/sysconfig/ip6tables": rules6,
                 **nat_files,
             },
             hostname="master\n",
             iptables_version="iptables v1.8.10 (nf_tables)\n",
             iptables_save=save,
+            ip6tables_save=fixture_text(f"iptables/{name}-converged6.save"),
             sysctl=sysctl_lines(master_sysctls),
             unit_files=unit_files,
             active_units=active_units,
@@ -435,8 +448,10 @@ def converged(name: str) -> FactsBuilder:
                                     "iptables-services": "1.8.10-4.el9_4"}).splitlines(),
         ).add_lines(
             "unit_files", _unit_line("iptables.service", "enabled", "disabled"),
+            _unit_line("ip6tables.service", "enabled", "disabled"),
         ).add_lines(
             "active_units", "iptables.service loaded active exited IPv4 firewall with iptables",
+            "ip6tables.service loaded active exited IPv6 firewall with ip6tables",
         )
     if name == "centos7-worker":
         return fresh.but(

@@ -6,7 +6,7 @@ import os
 import re
 import shutil
 import subprocess
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv6Address
 from pathlib import Path
 
 import pytest
@@ -445,7 +445,9 @@ def test_ssh_connection() -> None:
         IPv4Address("192.168.10.1"), 40212, IPv4Address("192.168.10.2"), 22)
     facts = parse_facts(build(os_release=os_release("debian", "12"),
                               ssh_connection="2001:db8::5 50000 2001:db8::1 22\n"))
-    assert facts.ssh_peer is None  # IPv6: nothing to check the firewall against
+    # IPv6 sessions are parsed too: the firewall's lockout check covers them.
+    assert facts.ssh_peer == SshPeer(IPv6Address("2001:db8::5"), 50000,
+                                     IPv6Address("2001:db8::1"), 22)
     assert parse_facts(build(os_release=os_release("debian", "12"))).ssh_peer is None
 
 

@@ -34,31 +34,58 @@ def loads(plan: StepPlan) -> list[CommandChange]:
 
 def test_fresh_debian_master() -> None:
     result = plan(recorded("debian12-master").facts())
-    packages, service, load, rules = result.changes
+    packages, service, load, rules, load6, rules6 = result.changes
     assert isinstance(packages, PackagesChange) and packages.packages == ("iptables-persistent",)
     assert packages.preseed and "debconf-set-selections" in packages.preseed
+    # One loader for both families on Debian.
     assert service == ServiceChange("netfilter-persistent", enable=True)
     assert isinstance(load, CommandChange) and not load.detached
     assert golden_text("iptables/filter-master-default.rules") in load.command
     assert "fail2ban" in load.command  # its chains are rebuilt after the swap
+    assert "-A INPUT -i eth0 -p tcp -m tcp --dport 22 -j ACCEPT" in load.diff
     assert isinstance(rules, FileChange) and rules.path == "/etc/iptables/rules.v4"
     assert rules.mode == 0o600 and rules.old is None
     assert [name for name, _ in split_rules_file(rules.content or "") if name] == ["filter"]
+    # IPv6 is up on this host: it gets the same default-deny, or it would be a way around.
+    assert isinstance(load6, CommandChange) and load6.command.startswith("ip6tables-restore")
+    assert golden_text("iptables/filter6-master.rules") in load6.command
+    assert isinstance(rules6, FileChange) and rules6.path == "/etc/iptables/rules.v6"
+    assert rules6.content == golden_text("iptables/rules-master.v6")
     assert result.guard is not None
     assert "iptables-save" in result.guard.snapshot and "iptables-restore" in result.guard.restore
+    assert "ip6tables-save" in result.guard.snapshot
+    assert "ip6tables-restore" in result.guard.restore
     assert result.guard.rollback_after == ROLLBACK_AFTER
 
 
 def test_fresh_rocky_master_masks_firewalld_and_uses_iptables_services() -> None:
     result = plan(recorded("rocky9-master").facts())
-    packages, firewalld, iptables, load, rules = result.changes
+    packages, firewalld, iptables, ip6tables, load, rules, load6, rules6 = result.changes
     assert isinstance(packages, PackagesChange)
     assert packages.packages == ("iptables-nft", "iptables-services")
     assert firewalld == ServiceChange("firewalld", enable=False, action="stop", mask=True)
     assert iptables == ServiceChange("iptables", enable=True)
+    assert ip6tables == ServiceChange("ip6tables", enable=True)
     assert isinstance(load, CommandChange)
     assert isinstance(rules, FileChange) and rules.path == "/etc/sysconfig/iptables"
     assert rules.mode == 0o600
+    assert isinstance(load6, CommandChange) and "ip6tables-restore" in load6.command
+    assert isinstance(rules6, FileChange) and rules6.path == "/etc/sysconfig/ip6tables"
+    assert result.guard is not None
+
+
+def test_host_without_ipv6_gets_no_ipv6_rules() -> None:
+    result = plan(recorded("centos7-worker").facts(), "worker2")
+    assert not any("ip6tables" in c.description for c in result.changes)
+    assert result.guard is not None and "ip6tables" not in result.guard.snapshot
+
+
+def test_ipv6_drift_alone_is_planned_and_guarded() -> None:
+    save6 = fixture_text("iptables/debian12-worker-converged6.save").replace(
+        ":INPUT DROP", ":INPUT ACCEPT")
+    result = plan(converged("debian12-worker").but(ip6tables_save=save6).facts(), "worker1")
+    assert [c.description for c in result.changes] == [
+        "load the ip6tables filter table (ip6tables-restore)"]
     assert result.guard is not None
 
 
@@ -217,11 +244,18 @@ def test_session_from_outside_the_private_network_on_the_private_side_is_refused
         plan(facts)
 
 
-def test_without_an_ipv4_session_there_is_nothing_to_check() -> None:
-    inv = inventory(firewall={"ssh_from": ["192.0.2.0/24"]})
-    facts = recorded("debian12-master").but(
-        ssh_connection="2001:db8::5 50000 2001:db8::1 22\n").facts()
-    assert loads(plan(facts, inv=inv))
+def test_ipv6_session_needs_an_ipv6_ssh_from_network() -> None:
+    session = "2001:db8::5 50000 2001:db8::1 22\n"
+    addresses6 = "2: eth0    inet6 2001:db8::1/64 scope global \\       valid_lft forever\n"
+    facts = recorded("debian12-master").but(ssh_connection=session,
+                                            addresses6=addresses6).facts()
+    with pytest.raises(StepError, match="2001:db8::5 is not in"):
+        plan(facts)
+    allowed = inventory(firewall={"ssh_from": ["0.0.0.0/0", "2001:db8::/32"]})
+    result = plan(facts, inv=allowed)
+    (load6,) = [c for c in result.changes
+                if isinstance(c, CommandChange) and "ip6tables-restore" in c.command]
+    assert "-A INPUT -s 2001:db8::/32 -i eth0 -p tcp -m tcp --dport 22 -j ACCEPT" in load6.command
 
 
 # --------------------------------------------------------------------------- errors
@@ -240,3 +274,24 @@ def test_missing_worker_interface_is_a_step_error_naming_it() -> None:
                               "interface": "enp1s0"}])
     with pytest.raises(StepError, match="enp1s0"):
         plan(recorded("centos7-worker").facts(), "worker2", inv)
+
+
+@pytest.mark.parametrize(("name", "node"), [
+    ("debian12-master", "master"), ("debian12-worker", "worker1"), ("rocky9-master", "master"),
+    ("centos7-worker", "worker2"), ("ubuntu2204-master", "master"),
+])
+def test_every_file_a_step_writes_is_read_back_by_the_facts(name: str, node: str) -> None:
+    """Otherwise the step could never see its own work and would never converge."""
+    import fnmatch
+
+    from homeclust.runner import fact_paths
+    from homeclust.steps import REGISTRY
+
+    facts = recorded(name).facts()
+    patterns = fact_paths()
+    for step in REGISTRY.values():
+        if not step.targets(INV, INV.node(node)):
+            continue
+        for change in step.plan(PlanContext(INV, INV.node(node), facts)).changes:
+            if isinstance(change, FileChange):
+                assert any(fnmatch.fnmatch(change.path, p) for p in patterns), (step.name, change.path)
