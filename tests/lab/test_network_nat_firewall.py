@@ -67,6 +67,11 @@ def test_fresh_nodes_cannot_reach_the_outside_before_nat(fresh: Lab) -> None:
     assert not tcp_connects(fresh, "worker1", str(fresh.internet_address), 80)
 
 
+def test_fresh_master_answers_ssh_over_ipv6(fresh: Lab) -> None:
+    # The control for the test below: IPv6 reaches sshd until the firewall closes it.
+    assert _ssh_over_ipv6_link_local(fresh)
+
+
 def test_up_configures_the_cluster_and_check_passes(configured: Lab,
                                                     lab_inventory_path: Path) -> None:
     code, data = homeclust_json(lab_inventory_path, "check")
@@ -120,6 +125,21 @@ def test_master_public_side_accepts_only_what_the_firewall_allows(configured: La
     finally:
         listener.terminate()
         listener.wait(10)
+
+
+def _ssh_over_ipv6_link_local(lab: Lab) -> bool:
+    """From the internet host, connect to the master's SSH over IPv6 (link-local on eth0)."""
+    words = sh(lab, "master", "ip -o -6 addr show dev eth0 scope link").split()
+    address = words[3].split("/")[0]
+    probe = ["timeout", "8", "socat", "-u", "OPEN:/dev/null",
+             f"TCP6:[{address}%eth0]:22,connect-timeout=3"]
+    return lab.exec_internet(probe, check=False, timeout=15).returncode == 0
+
+
+def test_ipv6_is_no_way_around_the_firewall(configured: Lab) -> None:
+    assert tcp_connects(configured, "internet", str(configured.master_public_address), 22)
+    assert not _ssh_over_ipv6_link_local(configured)
+    assert ":INPUT DROP" in sh(configured, "master", "ip6tables-save -t filter")
 
 
 def _leader(lab: Lab) -> str:
