@@ -41,7 +41,8 @@ class FileChange:
     def description(self) -> str:
         if self.content is None:
             return f"remove {self.path}"
-        verb = "create" if self.old is None else "update"
+        # A reason is only given for files that exist (mode, owner, too big to diff).
+        verb = "create" if self.old is None and not self.reason else "update"
         extra = f" ({self.reason})" if self.reason else ""
         return f"{verb} {self.path}{extra}"
 

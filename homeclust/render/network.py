@@ -361,7 +361,13 @@ def reapply_command(backend: NetworkBackend, interfaces: Sequence[str]) -> str:
             f"ip addr flush dev {q}"
         )
     ups = " && ".join(f"ifup {shlex.quote(name)}" for name in interfaces)
-    return "; ".join(downs) + "; " + ups
+    prefix = ""
+    if backend == "ifcfg":
+        # CentOS 7 installs NetworkManager too: make it re-read NM_CONTROLLED=no
+        # before the network scripts take the interface over.
+        prefix = ("if nmcli -t general status >/dev/null 2>&1; then "
+                  "nmcli connection reload; fi; ")
+    return prefix + "; ".join(downs) + "; " + ups
 
 
 def restore_command(backend: NetworkBackend, interfaces: Sequence[str]) -> str:

@@ -13,6 +13,7 @@ run on the host plus a pure evaluation of its output.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -145,7 +146,12 @@ def file_change(facts: HostFacts, path: str, content: str | None, *, mode: int =
         return FileChange(path, None, current.text, reason="taken over by homeclust")
     if current is None:
         return FileChange(path, content, None, mode, owner, group)
-    if current.content is None or current.content != content.encode():
+    if current.content is None:
+        # Too big to be sent with the facts: known to differ only by its hash.
+        if current.sha256 != hashlib.sha256(content.encode()).hexdigest():
+            return FileChange(path, content, None, mode, owner, group,
+                              "replaces a file too large to show as a diff")
+    elif current.content != content.encode():
         return FileChange(path, content, current.text, mode, owner, group)
     reasons = []
     if current.mode != mode:

@@ -391,3 +391,30 @@ def test_detached_command_without_a_queue_fails_instead_of_vanishing(tmp_path: P
     assert result.returncode == 1
     assert [o.status for o in outcomes] == ["failed", "not-run"]
     assert "HC_DETACH" in outcomes[0].output
+
+
+from homeclust.facts import FileFact, HostFacts  # noqa: E402
+
+
+def test_a_file_too_big_to_diff_is_compared_by_hash() -> None:
+    import hashlib
+
+    from homeclust.steps.base import file_change
+
+    content = "x" * 10 + "\n"
+    big = FileFact("/etc/big", 0o644, "root", "root", hashlib.sha256(b"other").hexdigest(), None)
+    facts = parse_facts_with_file(big)
+    change = file_change(facts, "/etc/big", content)
+    assert change is not None and change.description.startswith("update /etc/big")
+    same = FileFact("/etc/big", 0o644, "root", "root",
+                    hashlib.sha256(content.encode()).hexdigest(), None)
+    assert file_change(parse_facts_with_file(same), "/etc/big", content) is None
+
+
+def parse_facts_with_file(fact: FileFact) -> HostFacts:
+    from dataclasses import replace
+
+    from tests.unit.factsbuilder import recorded
+
+    facts = recorded("debian12-worker").facts()
+    return replace(facts, files={**facts.files, "/etc/big": fact})

@@ -117,7 +117,10 @@ def test_fresh_centos7_worker_rewrites_the_installer_ifcfg_only() -> None:
         "network/ifcfg/worker2/etc/sysconfig/network-scripts/ifcfg-eth0")
     command = reapply(result)
     assert "ifdown eth0" in command.command and "ifup eth0" in command.command
-    assert "nmcli" not in command.command
+    # The network service brings eth0 up; NetworkManager (if running) only re-reads
+    # NM_CONTROLLED=no first and never activates a connection itself.
+    assert "nmcli connection up" not in command.command
+    assert "then nmcli connection reload; fi" in command.command
 
 
 def test_fresh_ubuntu_master_replaces_the_installer_netplan_and_warns_about_client_id() -> None:
