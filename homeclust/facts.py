@@ -15,6 +15,7 @@ import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, ip_address
+from typing import TypeVar
 
 from homeclust.errors import FactError
 
@@ -349,29 +350,29 @@ def parse_links(text: str) -> dict[str, tuple[str | None, bool]]:
 
 
 _ADDR_RE = re.compile(r"^\d+:\s+(\S+)\s+inet\s+(\d+\.\d+\.\d+\.\d+/\d+)")
+_ADDR6_RE = re.compile(r"^\d+:\s+(\S+)\s+inet6\s+([0-9a-fA-F:]+/\d+)")
+
+_Address = TypeVar("_Address", IPv4Interface, IPv6Interface)
+
+
+def _parse_ip_o_addr(text: str, pattern: re.Pattern[str], kind: type[_Address]
+                     ) -> dict[str, list[_Address]]:
+    found: dict[str, list[_Address]] = {}
+    for line in text.splitlines():
+        match = pattern.match(line)
+        if match:
+            found.setdefault(match.group(1), []).append(kind(match.group(2)))
+    return found
 
 
 def parse_addresses(text: str) -> dict[str, list[IPv4Interface]]:
     """``ip -o -4 addr show`` -> {interface: [address/prefix, …]}."""
-    found: dict[str, list[IPv4Interface]] = {}
-    for line in text.splitlines():
-        match = _ADDR_RE.match(line)
-        if match:
-            found.setdefault(match.group(1), []).append(IPv4Interface(match.group(2)))
-    return found
-
-
-_ADDR6_RE = re.compile(r"^\d+:\s+(\S+)\s+inet6\s+([0-9a-fA-F:]+/\d+)")
+    return _parse_ip_o_addr(text, _ADDR_RE, IPv4Interface)
 
 
 def parse_addresses6(text: str) -> dict[str, list[IPv6Interface]]:
     """``ip -o -6 addr show`` -> {interface: [address/prefix, …]}."""
-    found: dict[str, list[IPv6Interface]] = {}
-    for line in text.splitlines():
-        match = _ADDR6_RE.match(line)
-        if match:
-            found.setdefault(match.group(1), []).append(IPv6Interface(match.group(2)))
-    return found
+    return _parse_ip_o_addr(text, _ADDR6_RE, IPv6Interface)
 
 
 def parse_routes(text: str) -> tuple[Route, ...]:

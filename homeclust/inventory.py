@@ -345,30 +345,28 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 
 def _parse_network(raw: str, error: Any) -> IPv4Network:
-    try:
-        return IPv4Network(raw, strict=True)
-    except ValueError as exc:
-        try:
-            loose = IPv4Network(raw, strict=False)
-        except ValueError:
-            raise error(f"is not an IPv4 network in CIDR form: {raw!r} ({exc})") from None
-        raise error(
-            f"has host bits set: {raw!r}", f"did you mean {str(loose)!r}?"
-        ) from None
+    network = _parse_any_network(raw, error, versions=(4,))
+    assert isinstance(network, IPv4Network)
+    return network
 
 
-def _parse_any_network(raw: str, error: Any) -> IPv4Network | IPv6Network:
-    """An IPv4 or IPv6 network in CIDR form, host bits zero."""
-    if ":" not in raw:
-        return _parse_network(raw, error)
+def _parse_any_network(raw: str, error: Any, versions: tuple[int, ...] = (4, 6)
+                       ) -> IPv4Network | IPv6Network:
+    """A network in CIDR form with its host bits zero, of one of ``versions``."""
+    kind = " or ".join(f"IPv{v}" for v in versions)
     try:
-        return IPv6Network(raw, strict=True)
+        network = ip_network(raw, strict=True)
     except ValueError as exc:
         try:
             loose = ip_network(raw, strict=False)
         except ValueError:
-            raise error(f"is not an IPv6 network in CIDR form: {raw!r} ({exc})") from None
-        raise error(f"has host bits set: {raw!r}", f"did you mean {str(loose)!r}?") from None
+            raise error(f"is not an {kind} network in CIDR form: {raw!r} ({exc})") from None
+        if loose.version in versions:
+            raise error(f"has host bits set: {raw!r}", f"did you mean {str(loose)!r}?") from None
+        network = loose
+    if network.version not in versions:
+        raise error(f"is not an {kind} network in CIDR form: {raw!r}")
+    return network
 
 
 _TOP_LEVEL = ("cluster", "ssh", "master", "workers", "nat", "firewall", "repo",

@@ -46,6 +46,20 @@ def _log(chain: str, label: str) -> str:
     return f'-A {chain} -m limit --limit 5/min -j LOG --log-prefix "homeclust-{label}-drop: "'
 
 
+def _public_accepts(inventory: Inventory, *, version: int) -> list[str]:
+    """The master's public-side accepts: ``public_tcp_ports`` open to all, except the SSH
+    port, which is open only to the ``ssh_from`` networks of this IP version."""
+    interface = inventory.master.public_interface
+    fw = inventory.firewall
+    rules = []
+    for port in fw.public_tcp_ports:
+        sources = ([_source(net) for net in fw.ssh_from if net.version == version]
+                   if port == inventory.ssh.port else [""])
+        rules += [f"-A INPUT {source}-i {interface} -p tcp -m tcp --dport {port} -j ACCEPT"
+                  for source in sources]
+    return rules
+
+
 def render_nat_table(inventory: Inventory) -> str:
     """The master's nat table: masquerade the private network out of the public side."""
     m = inventory.master
@@ -66,16 +80,7 @@ def render_filter_table(inventory: Inventory, node: Node) -> str:
     if node.is_master:
         m = inventory.master
         fw = inventory.firewall
-        ssh_port = inventory.ssh.port
-        for port in fw.public_tcp_ports:
-            if port == ssh_port:
-                rules += [
-                    f"-A INPUT {_source(net)}-i {m.public_interface} -p tcp -m tcp --dport {port} "
-                    "-j ACCEPT"
-                    for net in fw.ssh_from if net.version == 4
-                ]
-            else:
-                rules.append(f"-A INPUT -i {m.public_interface} -p tcp -m tcp --dport {port} -j ACCEPT")
+        rules += _public_accepts(inventory, version=4)
         if fw.log_dropped:
             rules.append(_log("INPUT", "input"))
         rules += [
@@ -105,17 +110,7 @@ def render_filter6_table(inventory: Inventory, node: Node) -> str:
         f"-A INPUT -i {node.private_interface} -j ACCEPT",
     ]
     if node.is_master:
-        m = inventory.master
-        fw = inventory.firewall
-        for port in fw.public_tcp_ports:
-            if port == inventory.ssh.port:
-                rules += [
-                    f"-A INPUT {_source(net)}-i {m.public_interface} -p tcp -m tcp --dport {port} "
-                    "-j ACCEPT"
-                    for net in fw.ssh_from if net.version == 6
-                ]
-            else:
-                rules.append(f"-A INPUT -i {m.public_interface} -p tcp -m tcp --dport {port} -j ACCEPT")
+        rules += _public_accepts(inventory, version=6)
     if inventory.firewall.log_dropped:
         rules.append(_log("INPUT", "input6"))
     return _table("filter", {"INPUT": "DROP", "FORWARD": "DROP"}, rules)
