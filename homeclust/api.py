@@ -102,7 +102,8 @@ def execute(command: Command, inventory_path: str | Path, options: Options) -> i
     if options.json:
         print(json.dumps(result_json(result), indent=2))
     else:
-        show_diff = command == "plan" or options.diff
+        # check shows drift as the diff of what `up` would change.
+        show_diff = command in ("plan", "check") or options.diff
         render_result(console, result, show_diff=show_diff)
     return result.exit_code()
 

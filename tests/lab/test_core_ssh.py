@@ -17,7 +17,7 @@ from homeclust.lab import Lab
 from homeclust.runlog import RunLog
 from homeclust.runner import Runner
 from homeclust.transport import SshConnector
-from tests.lab.helpers import homeclust, homeclust_json, sh
+from tests.lab.helpers import homeclust, homeclust_json, sh, statuses
 
 pytestmark = pytest.mark.lab
 
@@ -150,3 +150,29 @@ def test_plan_sends_nothing_but_the_facts_script(lab_inventory_path: Path) -> No
     purposes = {e["purpose"] for e in events if e["event"] == "command"}
     assert purposes == {"facts"}
     assert len([e for e in events if e["event"] == "command"]) == len(inventory.nodes)
+
+
+def test_a_second_run_is_refused_while_one_holds_the_lock(lab: Lab,
+                                                         lab_inventory_path: Path) -> None:
+    inventory = load_inventory(lab_inventory_path)
+    connector = SshConnector(inventory)
+    try:
+        master = connector.open(inventory.master_node)
+        lock = master.hold_lock("/run/homeclust.lock", "another admin, pid 4242")
+        done = homeclust(lab_inventory_path, "up", "--only", "nat")
+        assert done.returncode == 1
+        assert "another homeclust run holds the cluster lock" in done.stdout + done.stderr
+        assert "another admin, pid 4242" in done.stdout + done.stderr
+        # plan and check only read: they do not need the lock.
+        assert homeclust(lab_inventory_path, "plan", "--only", "nat").returncode in (0, 3)
+        lock.release()
+    finally:
+        connector.close()
+    # Released (here: by closing the channel; a crashed run's connection drops the same way):
+    # the next run takes the lock.  The master's nat step is the change (pristine lab).
+    try:
+        code, data = homeclust_json(lab_inventory_path, "up", "--only", "nat")
+        assert code == 0, data
+        assert statuses(data)[("master", "nat")] == "changed"
+    finally:
+        lab.reset("master")  # the other lab tests expect a pristine master
