@@ -117,6 +117,14 @@ def ansible_run(lab: Lab, inventory: Path, forks: int) -> Measurement | None:
     from homeclust.inventory import load_inventory
 
     inv = load_inventory(lab.inventory_path)
+    # Ansible runs Python on every node (homeclust needs only sh): give it one,
+    # from the lab's package relay (workers through the master's NAT).
+    for node in inv.nodes:
+        if lab.exec(node.name, ["sh", "-c", "command -v python3"], check=False).returncode:
+            print(f"installing python3 on {node.name} for Ansible …", flush=True)
+            lab.exec(node.name, ["sh", "-c", "apt-get install -y -q python3-minimal >/dev/null "
+                                 "|| { apt-get update -q >/dev/null && apt-get install -y -q "
+                                 "python3-minimal >/dev/null; }"], timeout=600)
     key = inv.ssh.key
     work = Path(tempfile.mkdtemp(prefix="hcbench-ansible-"))
     ssh_opts = "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
@@ -128,7 +136,7 @@ def ansible_run(lab: Lab, inventory: Path, forks: int) -> Measurement | None:
     lines += [f"{w.name} ansible_host={w.private_address}" for w in inv.workers]
     lines += ["[workers:vars]", f"ansible_ssh_common_args='{jump}'",
               "[all:vars]", "ansible_user=root", f"ansible_ssh_private_key_file={key}",
-              "ansible_python_interpreter=auto_silent"]
+              "ansible_python_interpreter=/usr/bin/python3"]
     (work / "hosts").write_text("\n".join(lines) + "\n")
     # The files homeclust manages, with the content they have now: Ansible should
     # find nothing to change, like homeclust's second run.
