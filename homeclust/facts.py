@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import re
 import shlex
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, ip_address
 from typing import TypeVar
@@ -560,8 +560,3 @@ def summarize(facts: HostFacts) -> dict[str, object]:
         "ssh_client": str(facts.ssh_peer.client_address) if facts.ssh_peer else None,
         "pending_transactions": list(facts.pending_transactions),
     }
-
-
-def paths_needed(groups: Sequence[Iterable[str]]) -> tuple[str, ...]:
-    """Union of the fact paths that several steps declare, in a stable order."""
-    return tuple(sorted({p for group in groups for p in group}))

@@ -104,9 +104,6 @@ class Platform:
 
     # -- files ------------------------------------------------------------------
 
-    sysctl_dir = "/etc/sysctl.d"
-    modules_load_dir = "/etc/modules-load.d"
-
     @property
     def network_fact_paths(self) -> tuple[str, ...]:
         """Files the network step reads to take over the existing configuration."""

@@ -48,7 +48,6 @@ Verifier = Callable[[Host], list[str]]
 class GuardedResult:
     host: Host  # the connection to keep using (the new one)
     outcomes_output: str
-    confirmed_after: float
 
 
 def new_txn_id(step: str) -> str:
@@ -116,7 +115,10 @@ fi
 echo "@@homeclust-armed@@"
 HC_DETACH="$HC_TXN/detached.sh"
 export HC_DETACH
-( {_subshell(batch)} )
+# The batch ends with "exit": run it in a subshell so this script goes on.
+(
+{batch}
+)
 rc=$?
 if [ $rc -ne 0 ]; then
   echo "@@homeclust-apply-failed@@ rolling back now"
@@ -138,11 +140,6 @@ else
 fi
 exit 0
 """
-
-
-def _subshell(batch: str) -> str:
-    # The batch ends with "exit"; run it in a subshell so this script continues.
-    return "\n" + batch + "\n"
 
 
 def status_script(txn_id: str) -> str:
@@ -261,7 +258,7 @@ def apply_guarded(
         if not problems:
             confirm = run(fresh, "confirm", confirm_script(txn_id), 30.0).stdout
             if confirm.startswith("CONFIRMED"):
-                return GuardedResult(fresh, armed.stdout, clock() - started)
+                return GuardedResult(fresh, armed.stdout)
             problems = [f"confirmation lost the race: {confirm.strip()}"]
             break
         sleep(2.0)

@@ -22,7 +22,7 @@ import shlex
 from homeclust.changes import Change, CommandChange, FileChange
 from homeclust.errors import StepError
 from homeclust.facts import HostFacts
-from homeclust.inventory import Inventory, Node
+from homeclust.inventory import Inventory
 from homeclust.render.network import (
     InterfaceSpec,
     interface_files,
@@ -149,6 +149,3 @@ class NetworkStep(Step):
                 f"homeclust up --only network --host {ctx.node.name}" if live else "",
             ))
         return items
-
-    def targets(self, inventory: Inventory, node: Node) -> bool:
-        return True
