@@ -187,9 +187,11 @@ def render_result(console: Console, result: RunResult, *, show_diff: bool) -> No
             if outcome.status in ("pending", "changed") and outcome.diff:
                 console.rule(f"{outcome.host} {outcome.step}", align="left")
                 console.print(Syntax(outcome.diff, "diff", theme="ansi_dark", word_wrap=True))
-    for outcome in result.outcomes:
-        for warning in outcome.warnings:
-            console.print(Text(f"warning: {outcome.host} {outcome.step}: {warning}", style="yellow"))
+    if result.mode != "check":  # check lists warnings in its table already
+        for outcome in result.outcomes:
+            for warning in outcome.warnings:
+                console.print(Text(f"warning: {outcome.host} {outcome.step}: {warning}",
+                                   style="yellow"))
     failures = [o for o in result.outcomes if o.status == "failed"]
     for host, error in result.host_errors.items():
         console.print(Text(f"{host}: {error}", style="red"))
