@@ -121,16 +121,6 @@ def test_iptables_persistent_left_in_rc_state_is_installed_again() -> None:
 # --------------------------------------------------------------------------- converged
 
 
-@pytest.mark.parametrize(("name", "node"), [
-    ("debian12-master", "master"), ("debian12-worker", "worker1"),
-    ("rocky9-master", "master"), ("centos7-worker", "worker2"),
-])
-def test_converged_host_plans_nothing(name: str, node: str) -> None:
-    result = plan(converged(name).facts(), node)
-    assert result.changes == (), result.descriptions()
-    assert result.guard is None
-
-
 def test_fail2ban_chains_are_not_drift() -> None:
     save = fixture_text("iptables/debian12-master-converged.save").replace(
         ":OUTPUT ACCEPT [2201:301442]\n",

@@ -169,12 +169,6 @@ def test_centos7_keeps_its_filter_table_in_the_rules_file_and_has_no_dash_sysctl
 # --------------------------------------------------------------------------- converged
 
 
-@pytest.mark.parametrize("name", ["debian12-master", "rocky9-master"])
-def test_converged_master_plans_nothing(name: str) -> None:
-    result = plan(converged(name).facts())
-    assert result.changes == (), result.descriptions()
-
-
 def test_converged_lab_master_still_warns_about_the_read_only_key() -> None:
     result = plan(converged("debian12-master").facts())
     assert len(result.warnings) == 1 and "nf_conntrack_max" in result.warnings[0]

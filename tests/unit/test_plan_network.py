@@ -139,16 +139,6 @@ def test_fresh_ubuntu_master_replaces_the_installer_netplan_and_warns_about_clie
 # --------------------------------------------------------------------------- converged
 
 
-@pytest.mark.parametrize(("name", "node"), [
-    ("debian12-master", "master"), ("debian12-worker", "worker1"),
-    ("rocky9-master", "master"), ("centos7-worker", "worker2"),
-])
-def test_converged_host_plans_nothing(name: str, node: str) -> None:
-    result = plan(converged(name).facts(), node)
-    assert result.changes == (), result.descriptions()
-    assert result.guard is None
-
-
 def test_fqdn_hostname_counts_as_the_node_name() -> None:
     facts = converged("rocky9-master").but(hostname="master.example.org\n").facts()
     assert plan(facts, "master").changes == ()
