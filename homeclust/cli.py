@@ -29,6 +29,16 @@ def _only_option(f: Any) -> Any:
     )(f)
 
 
+def _skip_option(f: Any) -> Any:
+    return click.option("--skip", multiple=True, metavar="STEP[,STEP]",
+                        help="Leave these steps out.")(f)
+
+
+def _forks_option(f: Any) -> Any:
+    return click.option("--forks", default=10, show_default=True, type=click.IntRange(1, 256),
+                        help="Workers handled in parallel.")(f)
+
+
 def _host_option(f: Any) -> Any:
     return click.option(
         "--host", "hosts", multiple=True, metavar="NAME[,NAME]",
@@ -70,12 +80,11 @@ def cli(ctx: click.Context, inventory: str, verbose: int) -> None:
 
 @cli.command(epilog=STEP_HELP)
 @_only_option
-@click.option("--skip", multiple=True, metavar="STEP[,STEP]", help="Leave these steps out.")
+@_skip_option
 @_host_option
 @click.option("--dry-run", is_flag=True, help="Plan only; change nothing (like `plan`).")
 @click.option("--diff", is_flag=True, help="Show file diffs of what changes.")
-@click.option("--forks", default=10, show_default=True, type=click.IntRange(1, 256),
-              help="Workers configured in parallel.")
+@_forks_option
 @_json_option
 @click.pass_context
 def up(ctx: click.Context, only: tuple[str, ...], skip: tuple[str, ...], hosts: tuple[str, ...],
@@ -93,9 +102,9 @@ def up(ctx: click.Context, only: tuple[str, ...], skip: tuple[str, ...], hosts: 
 
 @cli.command(epilog=STEP_HELP + " Exit code 3 means changes are pending (a drift check).")
 @_only_option
-@click.option("--skip", multiple=True, metavar="STEP[,STEP]", help="Leave these steps out.")
+@_skip_option
 @_host_option
-@click.option("--forks", default=10, show_default=True, type=click.IntRange(1, 256))
+@_forks_option
 @_json_option
 @click.pass_context
 def plan(ctx: click.Context, only: tuple[str, ...], skip: tuple[str, ...],
@@ -108,7 +117,7 @@ def plan(ctx: click.Context, only: tuple[str, ...], skip: tuple[str, ...],
 @cli.command(epilog=STEP_HELP)
 @_only_option
 @_host_option
-@click.option("--forks", default=10, show_default=True, type=click.IntRange(1, 256))
+@_forks_option
 @_json_option
 @click.pass_context
 def check(ctx: click.Context, only: tuple[str, ...], hosts: tuple[str, ...], forks: int,

@@ -13,7 +13,7 @@ import base64
 import re
 import shlex
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, ip_address
 from typing import TypeVar
 
@@ -132,7 +132,6 @@ class HostFacts:
     commands: frozenset[str]
     ssh_peer: SshPeer | None
     pending_transactions: tuple[str, ...] = ()
-    raw: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     def file_text(self, path: str) -> str | None:
         fact = self.files.get(path)
@@ -296,7 +295,6 @@ def parse_facts(output: str) -> HostFacts:
         commands=frozenset(sections.get("commands", "").split()),
         ssh_peer=parse_ssh_connection(sections.get("ssh-connection", "")),
         pending_transactions=tuple(sections.get("transactions", "").split()),
-        raw=sections,
     )
 
 

@@ -40,7 +40,8 @@ CONFIRM_MARGIN = 5.0
 #: Seconds after the timer fires that homeclust gives the host to finish rolling back.
 ROLLBACK_GRACE = 15.0
 
-Runner = Callable[[Host, str, str, float | None], CommandResult]
+#: Runs a tagged script on a host (the runner's logged ``run_script``).
+ScriptRunner = Callable[[Host, str, str, float | None], CommandResult]
 Verifier = Callable[[Host], list[str]]
 
 
@@ -206,7 +207,7 @@ def apply_guarded(
     host: Host,
     node: Node,
     connector: Connector,
-    run: Runner,
+    run: ScriptRunner,
     txn_id: str,
     changes: Sequence[Change],
     guard: Guard,

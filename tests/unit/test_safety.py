@@ -64,7 +64,7 @@ class Connector:
         pass
 
 
-def scripted(answers: dict[str, Iterator[str]], log: list[tuple[str, str]]) -> safety.Runner:
+def scripted(answers: dict[str, Iterator[str]], log: list[tuple[str, str]]) -> safety.ScriptRunner:
     def run(host: object, purpose: str, script: str, timeout: float | None) -> CommandResult:
         log.append((getattr(host, "name", "?"), purpose))
         out = next(answers[purpose]) if purpose in answers else ""
@@ -73,7 +73,7 @@ def scripted(answers: dict[str, Iterator[str]], log: list[tuple[str, str]]) -> s
     return run
 
 
-def go(run: safety.Runner, connector: Any, clock: Clock, verify: list[list[str]]
+def go(run: safety.ScriptRunner, connector: Any, clock: Clock, verify: list[list[str]]
        ) -> safety.GuardedResult:
     results = iter(verify)
     return safety.apply_guarded(
