@@ -29,10 +29,7 @@ import pytest
 from homeclust.inventory import Inventory, load_inventory
 from homeclust.lab import Lab, LabInfo
 from homeclust.lab.testing import connect
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-GUIDE_INVENTORY = REPO_ROOT / "inventory.toml"
-
+from tests.lab.helpers import CLUSTER_SUFFIX, GUIDE_INVENTORY, inventory_copy
 
 _config: pytest.Config | None = None
 
@@ -89,8 +86,11 @@ def lab_factory() -> Iterator[Callable[[Path], tuple[Lab, LabInfo]]]:
 
 
 @pytest.fixture(scope="session")
-def _lab_session() -> Iterator[tuple[Lab, LabInfo]]:
-    the_lab, info = start_lab(GUIDE_INVENTORY)
+def _lab_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, LabInfo]]:
+    inventory = GUIDE_INVENTORY
+    if CLUSTER_SUFFIX:
+        inventory = inventory_copy(tmp_path_factory.mktemp("guide"), "homeclust")
+    the_lab, info = start_lab(inventory)
     try:
         yield the_lab, info
     finally:

@@ -9,14 +9,41 @@ not depend on the code under test.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from homeclust.lab import Lab
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+GUIDE_INVENTORY = REPO_ROOT / "inventory.toml"
+#: Appended to every lab cluster name the tests create, so two test runs on one
+#: machine (two checkouts, two people) never share or tear down each other's labs.
+CLUSTER_SUFFIX = os.environ.get("HOMECLUST_TEST_CLUSTER_SUFFIX", "")
+
+
+def lab_cluster_name(name: str) -> str:
+    """The lab cluster name a test uses for ``name`` (with this run's suffix)."""
+    return f"{name}{CLUSTER_SUFFIX}"
+
+
+def inventory_copy(tmp_dir: Path, cluster: str, workers: int | None = None,
+                   **tables: dict[str, Any]) -> Path:
+    """The guide's inventory under another cluster name (maybe fewer workers, other tables)."""
+    raw = tomllib.loads(GUIDE_INVENTORY.read_text())
+    raw["cluster"]["name"] = lab_cluster_name(cluster)
+    if workers is not None:
+        raw["workers"] = raw["workers"][:workers]
+    for table, values in tables.items():
+        raw.setdefault(table, {}).update(values)
+    path = tmp_dir / f"{lab_cluster_name(cluster)}.toml"
+    path.write_text(tomli_w.dumps(raw))
+    return path
 
 
 def homeclust(inventory: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:

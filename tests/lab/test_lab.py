@@ -12,13 +12,11 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
 import paramiko
 import pytest
-import tomli_w
 
 from homeclust.errors import LabError
 from homeclust.inventory import Inventory
@@ -27,11 +25,11 @@ from homeclust.lab.cgroups import node_cgroups
 from homeclust.lab.plan import namespaces_for
 from homeclust.lab.system import ProcessId, is_running, mount_points, read_pidfile, run
 from homeclust.lab.testing import connect, ssh_run
+from tests.lab.helpers import inventory_copy, lab_cluster_name
 
 pytestmark = pytest.mark.lab
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-GUIDE_INVENTORY = REPO_ROOT / "inventory.toml"
 PROBE = (
     "import socket,sys\n"
     "try:\n"
@@ -43,17 +41,6 @@ PROBE = (
 HTTP_GET = "exec 3<>/dev/tcp/{host}/{port}; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
 
 LabFactory = Callable[[Path], tuple[Lab, LabInfo]]
-
-
-def inventory_copy(tmp_dir: Path, cluster: str, workers: int | None = None) -> Path:
-    """The guide's inventory under another cluster name (and maybe fewer workers)."""
-    raw = tomllib.loads(GUIDE_INVENTORY.read_text())
-    raw["cluster"]["name"] = cluster
-    if workers is not None:
-        raw["workers"] = raw["workers"][:workers]
-    path = tmp_dir / f"{cluster}.toml"
-    path.write_text(tomli_w.dumps(raw))
-    return path
 
 
 def body(http_response: str) -> str:
@@ -104,7 +91,7 @@ def assert_nothing_left(
 def test_lab_inventory_is_the_cluster_reached_through_the_lab(
     lab: Lab, lab_inventory: Inventory
 ) -> None:
-    assert lab_inventory.cluster.name == "homeclust"
+    assert lab_inventory.cluster.name == lab_cluster_name("homeclust")
     assert [n.name for n in lab_inventory.nodes] == ["master", "worker1", "worker2", "worker3"]
     assert str(lab_inventory.master.private_address) == "192.168.10.1"
     assert lab_inventory.master.address == "127.0.0.1"
@@ -381,6 +368,6 @@ def test_down_cleans_up_after_a_crash_half_way(lab: Lab, tmp_path: Path) -> None
         if up.poll() is None:
             up.kill()
             up.wait()
-        recovered = Lab.from_state("labcrash")
+        recovered = Lab.from_state(lab_cluster_name("labcrash"))
         recovered.down()
     assert_nothing_left(recovered, processes, root_before)
