@@ -24,7 +24,7 @@ from homeclust.inventory import Inventory, Node, load_inventory
 from homeclust.output import LineReporter, LiveReporter, QuietReporter, render_result, result_json
 from homeclust.runlog import RunLog
 from homeclust.runner import Reporter, Runner, RunResult
-from homeclust.steps import resolve_steps
+from homeclust.steps import requested_steps, resolve_steps
 from homeclust.steps.base import Step
 from homeclust.transport import Connector, SshConnector
 
@@ -81,7 +81,8 @@ def run(command: Command, inventory_path: str | Path, options: Options, *,
     owned = connector is None
     connector = connector or SshConnector(prepared.inventory, on_retry=reporter.message)
     runner = Runner(prepared.inventory, prepared.steps, prepared.nodes, connector=connector,
-                    reporter=reporter, runlog=runlog, forks=options.forks)
+                    reporter=reporter, runlog=runlog, forks=options.forks,
+                    requested=requested_steps(options.only))
     try:
         if mode == "plan":
             return runner.plan()

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
-from homeclust import __version__, api
+from homeclust import __version__, api, push
 from homeclust.errors import HomeclustError
 from homeclust.inventory import DEFAULT_INVENTORY, inventory_summary, load_inventory
 from homeclust.lab.cli import lab
@@ -164,6 +165,24 @@ def inventory_command(ctx: click.Context, as_json: bool) -> None:
                f"{', '.join(map(str, inv.firewall.public_tcp_ports))}; "
                f"log drops {'on' if inv.firewall.log_dropped else 'off'}")
     click.echo(f"scheduler: {inv.scheduler.kind}; known_hosts: {inv.ssh.known_hosts}")
+
+
+@cli.command("push-package")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--host", "hosts", multiple=True, required=True, metavar="NAME[,NAME]",
+              help="The hosts to install it on (workers through the master).")
+@_forks_option
+@_json_option
+@click.pass_context
+def push_package(ctx: click.Context, file: Path, hosts: tuple[str, ...], forks: int,
+                 as_json: bool) -> None:
+    """Copy one .deb/.rpm to hosts and install it; report the installed version.
+
+    The guide's copy-and-install path: dependencies come from each host's package
+    sources (workers: the master's repository).  A file whose format does not match
+    a host's distribution is refused (exit 2) before anything is copied.
+    """
+    ctx.exit(push.execute(_inventory(ctx), file, hosts, forks=forks, as_json=as_json))
 
 
 cli.add_command(lab)

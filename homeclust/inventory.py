@@ -25,6 +25,8 @@ Role = Literal["master", "worker"]
 _HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _INTERFACE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
 _CLUSTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+#: A package name for apt (Debian policy) or rpm (which also allows capitals and '_').
+_PACKAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._-]{0,127}$")
 
 DEFAULT_INVENTORY = "inventory.toml"
 
@@ -309,6 +311,17 @@ class _Table:
                 raise self.error(key, f"must be a list of non-empty strings, got {item!r}")
         return tuple(value)
 
+    def package_list(self, key: str, default: Sequence[str]) -> tuple[str, ...]:
+        """Package names as apt and yum spell them (they reach shell commands and files);
+        duplicates dropped, order kept."""
+        names = self.string_list(key, default)
+        for name in names:
+            if not _PACKAGE_RE.match(name):
+                raise self.error(key, f"{name!r} is not a package name",
+                                 hint="letters, digits and + . _ - starting with a letter or "
+                                 "digit; no versions or paths")
+        return tuple(dict.fromkeys(names))
+
     def int_list(self, key: str, default: Sequence[int]) -> tuple[int, ...]:
         value = self._get(key, list, list(default), False)
         for item in value:
@@ -493,7 +506,7 @@ def parse_inventory(data: Mapping[str, Any], path: Path) -> Inventory:
     fw_t.finish()
 
     repo_t = _Table(path, "repo", data.get("repo"))
-    repo = RepoSpec(packages=repo_t.string_list("packages", []))
+    repo = RepoSpec(packages=repo_t.package_list("packages", []))
     repo_t.finish()
 
     sched_t = _Table(path, "scheduler", data.get("scheduler"))
@@ -501,7 +514,7 @@ def parse_inventory(data: Mapping[str, Any], path: Path) -> Inventory:
     sched_t.finish()
 
     mon_t = _Table(path, "monitor", data.get("monitor"))
-    tools = mon_t.string_list("tools", ["tcpdump", "nmap", "iftop"])
+    tools = mon_t.package_list("tools", ["tcpdump", "nmap", "iftop"])
     f2b_t = mon_t.sub("fail2ban")
     fail2ban = Fail2banSpec(
         maxretry=f2b_t.integer("maxretry", 5, minimum=1),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from homeclust.errors import FactError
@@ -36,6 +36,8 @@ class Platform:
     network_backend: NetworkBackend
     #: systemd >= 243 understands a leading "-" in sysctl.d (ignore failures)
     sysctl_dash_prefix: bool
+    #: ``ID`` of /etc/os-release (rocky, almalinux, centos, …): which vendor signs packages.
+    os_id: str = field(default="", compare=False)
 
     # -- packages ---------------------------------------------------------------
 
@@ -102,6 +104,85 @@ class Platform:
         """Firewall managers that would replace homeclust's rules behind its back."""
         return ("ufw", "firewalld") if self.family == "debian" else ("firewalld",)
 
+    # -- package repository (repo step) ------------------------------------------
+
+    @property
+    def package_format(self) -> Literal["deb", "rpm"]:
+        return "deb" if self.family == "debian" else "rpm"
+
+    @property
+    def repo_server_prerequisites(self) -> tuple[str, ...]:
+        """Installed before :attr:`repo_server_packages` (the repository they come from).
+
+        EPEL on the RHEL family: CentOS 7's nginx and several worker packages (iftop,
+        fail2ban, torque) are only there.  epel-release itself is in the distribution's
+        extras (CentOS, Rocky, Alma); on RHEL proper, enable EPEL by hand first.
+        """
+        return ("epel-release",) if self.family == "rhel" else ()
+
+    @property
+    def repo_server_packages(self) -> tuple[str, ...]:
+        """What the master needs to build, sign and serve the workers' repository."""
+        if self.family == "debian":
+            # apt-ftparchive (apt-utils) writes the index; gpg signs it.
+            return ("nginx", "apt-utils", "gpg", "gpg-agent")
+        if self.major == 7:
+            return ("nginx", "createrepo", "yum-utils")  # yum-utils: repotrack, repoquery
+        return ("nginx", "createrepo_c", "dnf-plugins-core")  # dnf download --resolve
+
+    @property
+    def nginx_user(self) -> str:
+        return "www-data" if self.family == "debian" else "nginx"
+
+    @property
+    def vendor_key_paths(self) -> tuple[str, ...]:
+        """The distribution's own package signing keys, as installed on every host of it
+        (RHEL family; Debian-family workers trust the cluster's repository key instead)."""
+        if self.family != "rhel":
+            return ()
+        base = "/etc/pki/rpm-gpg/"
+        names = {
+            ("centos", 7): "RPM-GPG-KEY-CentOS-7",
+            ("rocky", 8): "RPM-GPG-KEY-rockyofficial",
+            ("almalinux", 8): "RPM-GPG-KEY-AlmaLinux",
+            ("almalinux", 9): "RPM-GPG-KEY-AlmaLinux-9",
+        }
+        name = names.get((self.os_id, self.major)) or {
+            "rocky": f"RPM-GPG-KEY-Rocky-{self.major}",
+            "centos": "RPM-GPG-KEY-centosofficial",  # CentOS Stream 8 and 9
+            "rhel": "RPM-GPG-KEY-redhat-release",
+            "ol": "RPM-GPG-KEY-oracle",
+        }.get(self.os_id)
+        return (base + name,) if name else ()
+
+    @property
+    def epel_key_path(self) -> str | None:
+        """Where epel-release puts the EPEL signing key (RHEL family)."""
+        return f"/etc/pki/rpm-gpg/RPM-GPG-KEY-EPEL-{self.major}" if self.family == "rhel" else None
+
+    # -- monitoring (monitor step) -----------------------------------------------
+
+    @property
+    def auth_log_path(self) -> str:
+        """Where the system logger writes sshd's authentication messages, if one runs."""
+        return "/var/log/auth.log" if self.family == "debian" else "/var/log/secure"
+
+    @property
+    def fail2ban_prerequisites(self) -> tuple[str, ...]:
+        """fail2ban is packaged in EPEL on the RHEL family."""
+        return ("epel-release",) if self.family == "rhel" else ()
+
+    def fail2ban_packages(self, *, journal: bool) -> tuple[str, ...]:
+        """fail2ban itself, plus its journal reader when the journal is the log source.
+
+        On the RHEL family the server package alone: the ``fail2ban`` metapackage
+        pulls in fail2ban-firewalld, which bans through firewalld (masked by the
+        firewall step).
+        """
+        if self.family == "debian":
+            return ("fail2ban", "python3-systemd") if journal else ("fail2ban",)
+        return ("fail2ban-server", "fail2ban-systemd") if journal else ("fail2ban-server",)
+
     # -- files ------------------------------------------------------------------
 
     @property
@@ -150,22 +231,24 @@ def detect(os_release: OsRelease) -> Platform:
     if os_release.id == "ubuntu":
         if major < 20:
             raise _unsupported(os_release)
-        return Platform(f"ubuntu{os_release.version_id}", "debian", major, "apt", "netplan", True)
+        return Platform(f"ubuntu{os_release.version_id}", "debian", major, "apt", "netplan", True,
+                        "ubuntu")
     # Derivatives are not assumed to configure networks like their base: Raspberry Pi
     # OS and Kali (ID_LIKE=debian) use NetworkManager or dhcpcd, Amazon Linux 2023
     # (ID_LIKE=fedora) systemd-networkd.  RHEL rebuilds (ID_LIKE=rhel) are RHEL.
     if os_release.id == "debian":
         if major and major < 11:
             raise _unsupported(os_release)
-        return Platform(f"debian{major or ''}", "debian", major, "apt", "ifupdown", True)
+        return Platform(f"debian{major or ''}", "debian", major, "apt", "ifupdown", True, "debian")
     if os_release.id in RHEL_IDS or any(i in ("rhel", "centos") for i in os_release.id_like):
         if major == 7:
             # systemd 219: no "-" prefix in sysctl.d; legacy network service.
-            return Platform(f"{os_release.id}7", "rhel", 7, "yum", "ifcfg", False)
+            return Platform(f"{os_release.id}7", "rhel", 7, "yum", "ifcfg", False, os_release.id)
         if major == 8:
-            return Platform(f"{os_release.id}8", "rhel", 8, "dnf", "nm-ifcfg", True)
+            return Platform(f"{os_release.id}8", "rhel", 8, "dnf", "nm-ifcfg", True, os_release.id)
         if major >= 9:
-            return Platform(f"{os_release.id}{major}", "rhel", major, "dnf", "nm-keyfile", True)
+            return Platform(f"{os_release.id}{major}", "rhel", major, "dnf", "nm-keyfile", True,
+                            os_release.id)
     raise _unsupported(os_release)
 
 

@@ -181,6 +181,7 @@ class Runner:
         runlog: RunLog | None = None,
         forks: int = 10,
         sleep: Callable[[float], None] = time.sleep,
+        requested: frozenset[str] = frozenset(),
     ) -> None:
         self.inventory = inventory
         self.steps = list(steps)
@@ -196,6 +197,10 @@ class Runner:
         self._query = fact_query(inventory, self.steps)
         self._lock: LockHandle | None = None
         self._lock_lost: str | None = None
+        #: Steps named with --only: they may do more than converge in `up`/`plan`
+        #: (PlanContext.requested); `check` only ever compares.
+        self.requested = requested
+        self._mode: Mode = "plan"
 
     @property
     def cancel(self) -> threading.Event:
@@ -240,8 +245,10 @@ class Runner:
         return facts
 
     def context(self, node: Node) -> PlanContext:
+        requested = self.requested if self._mode in ("apply", "plan") else frozenset()
         with self._facts_lock:
-            return PlanContext(self.inventory, node, self.facts[node.name], dict(self.facts))
+            return PlanContext(self.inventory, node, self.facts[node.name], dict(self.facts),
+                               requested)
 
     def steps_for(self, node: Node) -> list[Step]:
         return [s for s in self.steps if s.targets(self.inventory, node)]
@@ -286,6 +293,7 @@ class Runner:
 
     def _run(self, mode: Mode) -> RunResult:
         started = time.monotonic()
+        self._mode = mode
         result = RunResult(mode, [n.name for n in self.nodes], [s.name for s in self.steps],
                            log_path=str(self.runlog.path) if self.runlog.path else None)
         self.reporter.start(result.hosts, result.steps, mode)
@@ -331,7 +339,7 @@ class Runner:
                 result.checks.append(CheckItem(master_node.name, "ssh from admin", "pass",
                                                f"{self.inventory.master.address}"))
             if mode == "apply":
-                self._lock = master.hold_lock(LOCK_PATH, _lock_owner(), self.run_id)
+                self._lock = master.hold_lock(LOCK_PATH, lock_owner(), self.run_id)
             self.reporter.host_status(master_node.name, "reading facts")
             self.gather(master)
             self._pending(master_node, master, result, mode)
@@ -679,7 +687,7 @@ class Runner:
         if old is not None:
             old.release()
         master = self.connector.open(self.inventory.master_node)
-        self._lock = master.hold_lock(LOCK_PATH, _lock_owner(), self.run_id, wait=RELOCK_WAIT)
+        self._lock = master.hold_lock(LOCK_PATH, lock_owner(), self.run_id, wait=RELOCK_WAIT)
         self.run_script(master, "lock-unclaim", unclaim_script(LOCK_PATH, self.run_id), 30.0,
                         interruptible=False)
 
@@ -707,7 +715,7 @@ def describe_transaction(txn: Transaction) -> str:
     return f"a change ({txn.id}) was started but never armed (nothing of it was applied)"
 
 
-def _lock_owner() -> str:
+def lock_owner() -> str:
     try:
         user = getpass.getuser()
     except Exception:

@@ -10,14 +10,30 @@ from collections.abc import Sequence
 
 from homeclust.errors import UsageError
 from homeclust.inventory import Inventory
+from homeclust.platforms import Platform
 from homeclust.steps.base import Step
 from homeclust.steps.firewall import FirewallStep
+from homeclust.steps.monitor import MonitorStep
 from homeclust.steps.nat import NatStep
 from homeclust.steps.network import NetworkStep
+from homeclust.steps.repo import RepoStep
+
+
+def worker_packages(inventory: Inventory, platform: Platform) -> tuple[str, ...]:
+    """What the master's repository serves: the worker packages of every step this
+    inventory enables (whatever one run selects) plus ``[repo] packages``."""
+    names = set(inventory.repo.packages)
+    for step in REGISTRY.values():
+        if step.enabled(inventory):
+            names.update(step.worker_packages(inventory, platform))
+    return tuple(sorted(names))
+
 
 #: Registry order is the documented order; dependencies must point backwards.
 REGISTRY: dict[str, Step] = {
-    step.name: step for step in (NetworkStep(), FirewallStep(), NatStep())
+    step.name: step for step in (
+        NetworkStep(), FirewallStep(), NatStep(), RepoStep(worker_packages), MonitorStep(),
+    )
 }
 
 
@@ -57,6 +73,11 @@ def _parse_names(values: Sequence[str] | None, option: str) -> list[str]:
                 )
             names.append(part)
     return names
+
+
+def requested_steps(only: Sequence[str] | None) -> frozenset[str]:
+    """The steps named with ``--only`` (see :attr:`PlanContext.requested`)."""
+    return frozenset(_parse_names(only, "--only"))
 
 
 def resolve_steps(inventory: Inventory, only: Sequence[str] | None = None,

@@ -38,6 +38,10 @@ class PlanContext:
     facts: HostFacts
     #: Facts of the other hosts gathered in this run (the master's, at least, when reachable).
     cluster: Mapping[str, HostFacts] = field(default_factory=dict)
+    #: Steps the user named with ``--only`` in ``up``/``plan`` (empty otherwise): a step
+    #: asked for by name may do more than converge, e.g. the repo step then refreshes
+    #: the master's package lists to pick up newer upstream versions.
+    requested: frozenset[str] = frozenset()
 
     @property
     def platform(self) -> Platform:
@@ -149,9 +153,15 @@ class Step(ABC):
         """What this step needs to know about a host: only what it manages."""
         return FactQuery()
 
-    def worker_packages(self, inventory: Inventory, family: str) -> tuple[str, ...]:
-        """Packages this step installs on workers (the repo step serves them all);
-        ``family`` is ``"debian"`` or ``"rhel"``."""
+    def worker_packages(self, inventory: Inventory, platform: Platform) -> tuple[str, ...]:
+        """Packages this step installs on workers running ``platform`` (the master's: the
+        repo step serves them all from the master, each with its whole dependency closure).
+
+        Asked of every step the inventory enables, whatever ``--only`` selects, so the
+        repository never depends on which steps one run happens to include.  Names are
+        the platform's own (``platform.family``, ``platform.major``: EL9 has
+        ``iptables-nft`` where EL7 has ``iptables``).
+        """
         return ()
 
     def enabled(self, inventory: Inventory) -> bool:

@@ -25,6 +25,7 @@ from homeclust.changes import Change
 from homeclust.errors import StepError
 from homeclust.facts import FactQuery
 from homeclust.inventory import Inventory, Node
+from homeclust.platforms import Platform
 from homeclust.render.iptables import (
     chain_policy,
     chain_rules,
@@ -74,6 +75,11 @@ class FirewallStep(Step):
 
     def fact_query(self, inventory: Inventory) -> FactQuery:
         return NETFILTER_FACTS
+
+    def worker_packages(self, inventory: Inventory, platform: Platform) -> tuple[str, ...]:
+        # The loader that restores the rules at boot: a reinstalled worker gets it
+        # from the master's repository.
+        return platform.firewall_packages
 
     def plan(self, ctx: PlanContext) -> StepPlan:
         inventory, node, facts = ctx.inventory, ctx.node, ctx.facts

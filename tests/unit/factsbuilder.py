@@ -205,8 +205,9 @@ class FactsBuilder:
 
     def facts(self, query: FactQuery | None = None) -> HostFacts:
         """The parsed facts (the parser runs on the built text); ``query`` parses
-        step-specific facts (``x-`` sections)."""
-        return parse_facts(self.build(), query)
+        step-specific facts (``x-`` sections; default: every registered step's, as a
+        run of all steps asks for them)."""
+        return parse_facts(self.build(), query if query is not None else all_steps_query())
 
     def file_text(self, path: str) -> str:
         return self.files[path].text
@@ -368,7 +369,99 @@ def golden_text(relative: str) -> str:
     return (GOLDEN / relative).read_text()
 
 
+def all_steps_query() -> FactQuery:
+    """The fact query of a run of every registered step on the base inventory."""
+    from homeclust.steps import REGISTRY
+
+    query = FactQuery()
+    for step in REGISTRY.values():
+        query = query | step.fact_query(inventory())
+    return query
+
+
+#: The inventory the converged states were made for: the base one with the lab's small
+#: repository (the Debian states were captured on the lab with these tables).
+CONVERGED_TABLES: dict[str, Any] = {"repo": {"packages": ["jq"]}, "monitor": {"tools": ["tcpdump"]}}
+
+
 def converged(name: str) -> FactsBuilder:
+    """A recorded host after every step (for :data:`CONVERGED_TABLES`), as facts would see it:
+    network, nat and firewall from :func:`converged_base`; repo and monitor captured from
+    the lab (Debian) or made from golden files (RHEL, no lab) by :func:`with_repo_monitor`."""
+    return with_repo_monitor(name, converged_base(name))
+
+
+def _units_of(text: str, units: Iterable[str]) -> str:
+    blocks = [b for b in re.split(r"\n\s*\n", text.strip()) if b.strip()]
+    return "\n".join(b + "\n" for b in blocks if any(f"Names={u}" in b.split() for u in units))
+
+
+#: What the repo and monitor steps manage, on either role (file paths).
+REPO_MONITOR_FILES = {
+    "master": ("/etc/nginx/nginx.conf", "/var/lib/homeclust/repo/manifest",
+               "/var/lib/homeclust/repo/signing-key.asc", "/var/lib/homeclust/repo/signing-key.pub.asc",
+               "/srv/homeclust-repo/debian/InRelease", "/etc/fail2ban/jail.d/homeclust.local"),
+    "worker": ("/etc/apt/keyrings/homeclust-repo.asc", "/etc/apt/sources.list.d/homeclust.sources",
+               "/etc/apt/sources.list", "/var/lib/apt/lists/192.168.10.1_debian_._InRelease"),
+}
+
+
+def with_repo_monitor(name: str, base: FactsBuilder) -> FactsBuilder:
+    """``base`` plus the repo and monitor steps' converged state."""
+    role = "master" if name.endswith("master") else "worker"
+    if name.startswith("debian12"):
+        lab = parse_recorded(fixture_text(f"lab-facts/debian12-{role}-converged.txt"))
+        lab_packages = lab.sections["packages"].splitlines()
+        extra: dict[str, Any] = {key.replace("-", "_"): text
+                                 for key, text in lab.sections.items() if key.startswith("x-")}
+        files: dict[str, FileArg] = {path: lab.files[path] for path in REPO_MONITOR_FILES[role]}
+        return base.but(files=files, **extra).add_lines("packages", *lab_packages).but(
+            units=base.sections.get("units", "").rstrip("\n") + "\n\n"
+            + _units_of(lab.sections["units"], ("nginx.service", "fail2ban.service")))
+    if name == "rocky9-master":
+        return base.but(
+            files={
+                "/etc/nginx/nginx.conf": golden_text("repo/rhel/etc/nginx/nginx.conf"),
+                "/var/lib/homeclust/repo/manifest": fixture_text("repo/rocky9-manifest"),
+                "/etc/fail2ban/jail.d/homeclust.local": golden_text("fail2ban/journal.local"),
+                "/etc/pki/rpm-gpg/RPM-GPG-KEY-EPEL-9": fixture_text("repo/RPM-GPG-KEY-EPEL-9"),
+            },
+            x_repo_state=fixture_text("repo/rocky9-repo-state"),
+            x_http_listeners="192.168.10.1:80\n",
+        ).add_lines("packages", *rpm_lines({
+            "epel-release": "9-7.el9", "nginx": "1:1.20.1-14.el9_2.1",
+            "createrepo_c": "0.20.1-2.el9", "dnf-plugins-core": "4.3.0-11.el9_3",
+            "tcpdump": "14:4.99.0-7.el9", "fail2ban-server": "1.0.2-12.el9",
+            "fail2ban-systemd": "1.0.2-12.el9"}).splitlines(),
+        ).with_units({"nginx.service": ("enabled", True), "fail2ban.service": ("enabled", True)})
+    if name == "centos7-worker":
+        return base.but(files={
+            "/etc/yum.repos.d/homeclust.repo":
+                golden_text("repo/rhel/centos7/etc/yum.repos.d/homeclust.repo"),
+            "/etc/pki/rpm-gpg/RPM-GPG-KEY-EPEL-7": fixture_text("repo/RPM-GPG-KEY-EPEL-7"),
+        }).add_lines("packages", *rpm_lines({"tcpdump": "14:4.9.2-4.el7_7.1"}).splitlines())
+    raise KeyError(f"no converged repo/monitor state for {name}")
+
+
+def repo_master_for(name: str) -> FactsBuilder:
+    """The converged master whose repository a converged ``name`` uses (same release):
+    the lab's Debian master, the Rocky 9 master, or a CentOS 7 master made from the Rocky
+    one (the worker's plan reads only the master's release, manifest and keys)."""
+    if name.startswith("debian12"):
+        return converged("debian12-master")
+    if name.startswith("rocky9"):
+        return converged("rocky9-master")
+    if name.startswith("centos7"):
+        master = converged("rocky9-master")
+        return master.but(
+            os_release=recorded("centos7-worker").sections["os-release"],
+            files={"/etc/pki/rpm-gpg/RPM-GPG-KEY-EPEL-9": None,
+                   "/etc/pki/rpm-gpg/RPM-GPG-KEY-EPEL-7": fixture_text("repo/RPM-GPG-KEY-EPEL-7"),
+                   "/var/lib/homeclust/repo/manifest": fixture_text("repo/centos7-manifest")})
+    raise KeyError(f"no repository master for {name}")
+
+
+def converged_base(name: str) -> FactsBuilder:
     """A recorded host after homeclust's network, nat and firewall steps, as facts would see it.
 
     Files come from the reviewed golden files (the renderers' expected output),
@@ -499,7 +592,7 @@ def _without_table(text: str, table: str) -> str:
 def after_firewall(name: str) -> FactsBuilder:
     """A recorded host after the firewall step only: the converged filter tables, rules files
     with the filter table alone, the loader installed and enabled -- but no NAT yet."""
-    fresh, done = recorded(name), converged(name)
+    fresh, done = recorded(name), converged_base(name)
     rules_files = ("/etc/iptables/rules.v4", "/etc/sysconfig/iptables")
     files: dict[str, FileArg] = {
         path: FileRecord(_without_table(done.files[path].text, "nat").encode(), 0o600)

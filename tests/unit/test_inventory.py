@@ -120,6 +120,11 @@ def test_relative_key_resolves_next_to_the_inventory(tmp_path: Path) -> None:
         ({"firewall": {"public_tcp_ports": [70000]}}, "firewall", "public_tcp_ports", "1-65535"),
         ({"scheduler": {"kind": "pbspro"}}, "scheduler", "kind", "one of"),
         ({"monitor": {"fail2ban": {"bantim": 5}}}, "monitor.fail2ban", "bantim", "unknown key"),
+        ({"repo": {"packages": ["jq; rm -rf /"]}}, "repo", "packages", "not a package name"),
+        ({"repo": {"packages": ["jq=1.6"]}}, "repo", "packages", "not a package name"),
+        ({"repo": {"packages": ["./local.deb"]}}, "repo", "packages", "not a package name"),
+        ({"repo": {"packages": "jq"}}, "repo", "packages", "a list"),
+        ({"monitor": {"tools": ["-tcpdump"]}}, "monitor", "tools", "not a package name"),
         ({"check": {"egress_url": "https://x"}}, "check", "egress_url", "http://"),
         ({"workers__0__interface": "this-name-is-too-long"}, "workers #1 (worker1)", "interface",
          "interface name"),
@@ -164,11 +169,23 @@ def test_unknown_step_and_unknown_host_are_usage_errors() -> None:
         inventory.select(["worker9"])
 
 
+def test_package_lists_keep_order_and_drop_duplicates() -> None:
+    inventory = parse_inventory(inv(repo={"packages": ["jq", "python3-numpy", "jq", "g++"]},
+                                    monitor={"tools": ["tcpdump", "NetworkManager_x"]}),
+                                Path("c.toml"))
+    assert inventory.repo.packages == ("jq", "python3-numpy", "g++")
+    assert inventory.monitor.tools == ("tcpdump", "NetworkManager_x")
+
+
 def test_steps_follow_dependencies_not_typing_order() -> None:
     inventory = parse_inventory(inv(), Path("c.toml"))
     names = [s.name for s in resolve_steps(inventory, ["firewall,network", "nat"])]
     assert names == ["network", "firewall", "nat"]  # nat never forwards before the firewall
-    assert [s.name for s in resolve_steps(inventory, None, ["nat"])] == ["network", "firewall"]
+    assert [s.name for s in resolve_steps(inventory, None, ["nat"])] == [
+        "network", "firewall", "repo", "monitor"]
+    # monitor installs the workers' tools from the master's repository
+    assert [s.name for s in resolve_steps(inventory, ["monitor,repo,firewall"])] == [
+        "firewall", "repo", "monitor"]
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -7,9 +7,9 @@ import pytest
 
 from homeclust.steps import REGISTRY
 from homeclust.steps.base import PlanContext
-from tests.unit.factsbuilder import converged, inventory
+from tests.unit.factsbuilder import CONVERGED_TABLES, converged, inventory, repo_master_for
 
-INV = inventory()
+INV = inventory(**CONVERGED_TABLES)
 HOSTS = [("debian12-master", "master"), ("debian12-worker", "worker1"),
          ("rocky9-master", "master"), ("centos7-worker", "worker2")]
 CASES = [(step, name, node) for step in REGISTRY for name, node in HOSTS
@@ -18,6 +18,8 @@ CASES = [(step, name, node) for step in REGISTRY for name, node in HOSTS
 
 @pytest.mark.parametrize(("step", "name", "node"), CASES)
 def test_converged_host_plans_nothing(step: str, name: str, node: str) -> None:
-    result = REGISTRY[step].plan(PlanContext(INV, INV.node(node), converged(name).facts()))
+    # Workers see their master's facts too (the repo step points them at its repository).
+    cluster = {} if node == "master" else {"master": repo_master_for(name).facts()}
+    result = REGISTRY[step].plan(PlanContext(INV, INV.node(node), converged(name).facts(), cluster))
     assert result.changes == (), result.descriptions()
     assert result.guard is None

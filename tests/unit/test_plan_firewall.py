@@ -22,6 +22,7 @@ from tests.unit.factsbuilder import (
     golden_text,
     inventory,
     recorded,
+    repo_master_for,
 )
 
 INV = inventory()
@@ -332,13 +333,16 @@ def test_every_file_a_step_writes_is_read_back_by_the_facts(name: str, node: str
             continue
         query = step.fact_query(INV)
         patterns = query.paths | query.secret_paths
+        # Workers plan with their master's facts (the repo step points them at it).
+        cluster = {} if node == "master" else {"master": repo_master_for(name).facts()}
         try:
-            planned = step.plan(PlanContext(INV, INV.node(node), recorded(name).facts()))
+            planned = step.plan(PlanContext(INV, INV.node(node), recorded(name).facts(), cluster))
         except StepError:
             # nat refuses a fresh master: plan it as the firewall step leaves one.
             if name.startswith("ubuntu"):
                 continue  # no converged Ubuntu state recorded
-            planned = step.plan(PlanContext(INV, INV.node(node), after_firewall(name).facts()))
+            planned = step.plan(PlanContext(INV, INV.node(node), after_firewall(name).facts(),
+                                            cluster))
         for change in planned.all_changes:
             if isinstance(change, FileChange):
                 assert any(fnmatch.fnmatch(change.path, p) for p in patterns), (step.name, change.path)

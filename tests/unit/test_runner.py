@@ -9,6 +9,7 @@ import pytest
 
 from homeclust.inventory import Inventory, parse_inventory
 from homeclust.runner import Runner
+from homeclust.steps.base import PlanContext, StepPlan
 from tests.unit.fakes import FakeCluster, FakeConnector, TouchStep
 
 
@@ -179,3 +180,27 @@ def test_check_reports_reachability_and_drift(failing: bool) -> None:
     assert names[("worker2", "ssh via master")] == "pass"
     assert names[("worker1", "beta in sync")] == ("fail" if failing else "pass")
     assert result.exit_code() == (1 if failing else 0)
+
+
+class RecordingStep(TouchStep):
+    """Remembers which steps each plan was told were asked for by name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.seen: list[frozenset[str]] = []
+
+    def plan(self, ctx: PlanContext) -> StepPlan:
+        self.seen.append(ctx.requested)
+        return super().plan(ctx)
+
+
+def test_steps_named_with_only_are_told_so_in_up_and_plan_but_never_in_check() -> None:
+    inv = inventory(1)
+    for mode in ("plan", "apply", "check"):
+        step = RecordingStep("alpha")
+        cluster = FakeCluster()
+        run = Runner(inv, [step], inv.select(None), connector=FakeConnector(cluster),
+                     sleep=lambda s: None, requested=frozenset({"alpha"}))
+        getattr(run, mode)()
+        expected = frozenset() if mode == "check" else frozenset({"alpha"})
+        assert step.seen and set(step.seen) == {expected}, mode
