@@ -370,16 +370,20 @@ class Runner:
             if mode == "apply":
                 self._lock = master.hold_lock(LOCK_PATH, _lock_owner(), self.run_id)
             self._lock_ready.set()
-            self.reporter.host_status(master_node.name, "reading facts")
-            self.gather(master)
-            self._pending(master_node, master, result, mode)
-            self.reporter.host_status(master_node.name, "ready")
+            self._read(master_node, master, result, mode)
         except Interrupted:
             raise
         except HomeclustError as exc:
             self._lock_ready.set()
             return exc
         return None
+
+    def _read(self, node: Node, host: Host, result: RunResult, mode: Mode) -> None:
+        """Read a host's facts and deal with what an earlier run left pending there."""
+        self.reporter.host_status(node.name, "reading facts")
+        self.gather(host)
+        self._pending(node, host, result, mode)
+        self.reporter.host_status(node.name, "ready")
 
     def _master_failed(self, result: RunResult, mode: Mode, exc: HomeclustError) -> None:
         master_node = self.inventory.master_node
@@ -397,10 +401,7 @@ class Runner:
                 result.checks.append(CheckItem(
                     node.name, f"ssh via {self.inventory.master.name}", "pass",
                     str(node.private_address)))
-            self.reporter.host_status(node.name, "reading facts")
-            self.gather(host)
-            self._pending(node, host, result, mode)
-            self.reporter.host_status(node.name, "ready")
+            self._read(node, host, result, mode)
         except Interrupted:
             raise
         except HomeclustError as exc:
