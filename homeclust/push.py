@@ -27,9 +27,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from rich.console import Console
-from rich.table import Table
-
 from homeclust import api
 from homeclust.errors import HomeclustError, UsageError
 from homeclust.output import LineReporter, QuietReporter
@@ -172,15 +169,14 @@ def evaluate(host: str, exit_code: int, output: str) -> PushResult:
 
 
 def push_package(inventory_path: str | Path, file: Path, hosts: Sequence[str], *, forks: int = 10,
-                 console: Console | None = None, as_json: bool = False,
-                 connector: Connector | None = None) -> list[PushResult]:
+                 as_json: bool = False, connector: Connector | None = None
+                 ) -> list[PushResult]:
     """Copy and install ``file`` on ``hosts``; UsageError (nothing copied) on bad input."""
     package = read_package(file)
     prepared = api.prepare(inventory_path, api.Options(hosts=hosts, forks=forks))
     if not hosts:
         raise UsageError("push-package: name the hosts with --host NAME[,NAME]")
-    console = console or Console(stderr=True)
-    reporter = QuietReporter(console) if as_json else LineReporter(console)
+    reporter = QuietReporter() if as_json else LineReporter()
     runlog = RunLog.for_run(prepared.inventory.state_dir, "push-package")
     owned = connector is None
     connector = connector or SshConnector(prepared.inventory, on_retry=reporter.message)
@@ -206,13 +202,13 @@ def push_package(inventory_path: str | Path, file: Path, hosts: Sequence[str], *
                 try:
                     host = connector.open(node)
                     script = push_script(package, platforms[node_name])
-                    reporter.host_status(node_name, f"copying {len(package.data)} bytes")
+                    reporter.message(f"{node_name}: copying {file.name} "
+                                     f"({len(package.data)} bytes) and installing it")
                     done = runner.run_script(host, "push-package", script,
                                              log_script=log_form(package, script))
                     result = evaluate(node_name, done.exit_code, done.stdout + done.stderr)
                 except HomeclustError as exc:
                     result = PushResult(node_name, "failed", error=str(exc))
-                reporter.host_status(node_name, result.status)
                 results.append(result)
 
             with ThreadPoolExecutor(max_workers=max(1, min(forks, len(platforms)))) as pool:
@@ -236,13 +232,12 @@ def execute(inventory_path: str | Path, file: Path, hosts: Sequence[str], *, for
     if as_json:
         print(json.dumps({"file": str(file), "results": [asdict(r) for r in results]}, indent=2))
         return 1 if failed else 0
-    console = Console()
-    table = Table(box=None)
-    for column in ("host", "package", "installed", ""):
-        table.add_column(column)
-    for r in results:
-        table.add_row(r.host, r.package or "?", r.installed or "-",
-                      "[green]installed[/green]" if r.status == "installed"
-                      else f"[red]FAILED[/red] {r.error or ''}")
-    console.print(table)
+    rows = [(r.host, r.package or "?", r.installed or "-",
+             "installed" if r.status == "installed" else f"FAILED: {r.error or ''}")
+            for r in results]
+    widths = [max(len(row[i]) for row in [("host", "package", "installed", ""), *rows])
+              for i in range(3)]
+    for row in [("host", "package", "installed", ""), *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+              + "  " + row[3])
     return 1 if failed else 0

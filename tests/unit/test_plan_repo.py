@@ -43,7 +43,7 @@ def plan(facts: HostFacts | FactsBuilder, node: str = "master", inv: Inventory =
     if isinstance(facts, FactsBuilder):
         facts = facts.facts()
     cluster = {"master": master.facts()} if master is not None else {}
-    return STEP.plan(PlanContext(inv, inv.node(node), facts, cluster, requested))
+    return STEP.plan(PlanContext(inv, inv.node(node), facts, cluster, requested=requested))
 
 
 def commands(result: StepPlan) -> list[CommandChange]:
