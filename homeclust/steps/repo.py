@@ -250,15 +250,16 @@ class RepoStep(Step):
                      if name in versions and version not in versions[name]]
             if newer:
                 reasons.append(f"newer versions in the master's package lists: {_some(newer)}")
-        if new_key:
+        # A new or different list is resolved on fresh package lists; a repair or
+        # newer versions the master already knows need no refresh.
+        new_list = manifest is None or manifest.wanted != wanted
+        if new_key and manifest is not None:
             reasons.append("sign the index with the new key")
-        if refresh:
+        if refresh and not new_list:
             reasons.append("refresh the master's package lists from upstream (--only repo)")
         if not reasons:
             return None
-        # A new or different list is resolved on fresh package lists; a repair or
-        # newer versions the master already knows need no refresh.
-        update = refresh or manifest is None or manifest.wanted != wanted
+        update = refresh or new_list
         script = (render.build_script_debian(ctx.inventory, wanted, update=update)
                   if platform.family == "debian"
                   else render.build_script_rhel(platform, wanted, update=update))

@@ -8,6 +8,8 @@ RHEL lab.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from homeclust.changes import CommandChange, FileChange, PackagesChange, ServiceChange
@@ -201,8 +203,8 @@ def test_missing_files_are_restored() -> None:
 
 
 def test_up_only_repo_refreshes_the_lists_once_they_are_older_than_the_window() -> None:
-    old = DEBIAN_MASTER.sections["x-repo-state"].replace(
-        "refreshed 125", f"refreshed {REFRESH_AFTER + 1}")
+    old = re.sub(r"refreshed \d+", f"refreshed {REFRESH_AFTER + 1}",
+                 DEBIAN_MASTER.sections["x-repo-state"])
     stale = DEBIAN_MASTER.but(x_repo_state=old)
     assert plan(stale).changes == ()  # a plain `up` never goes to the network for nothing
     build = build_of(plan(stale, requested=frozenset({"repo", "monitor"})))
@@ -437,3 +439,10 @@ def test_the_fact_query_reads_every_file_the_step_writes_and_nothing_broad() -> 
 
 def test_record_helper_keeps_the_secret_marker() -> None:
     assert FileRecord(b"x", secret=True).secret
+
+
+def test_a_new_repository_is_built_on_fresh_lists_and_says_so_once() -> None:
+    build = build_of(plan(recorded("debian12-master"), requested=frozenset({"repo"})))
+    assert build.description == ("build the workers' package repository: 4 packages and "
+                                 "their dependencies")
+    assert "[ 1 = 1 ]" in build.command
