@@ -270,7 +270,7 @@ class RepoStep(Step):
     # ------------------------------------------------------------------ workers
 
     def _plan_worker(self, ctx: PlanContext) -> StepPlan:
-        inventory, node, platform = ctx.inventory, ctx.node, ctx.platform
+        node, platform = ctx.node, ctx.platform
         master = ctx.master_facts
         if master is None:
             raise StepError(f"{node.name}: the master's facts are needed to point the worker "
@@ -281,7 +281,7 @@ class RepoStep(Step):
                 f"{node.name}: runs {platform.name}, but the master's repository holds "
                 f"{master_platform.name} packages",
                 hint="workers run the master's distribution and release")
-        ready = self._master_ready(inventory, master, master_platform)
+        ready = self._master_ready(master, master_platform)
         if ready is not None:
             # Only during `plan` of a run that builds the master's repository first (the
             # runner reads the master's facts again before the workers), or when the
@@ -298,8 +298,7 @@ class RepoStep(Step):
         return StepPlan(self.name, node.name, tuple(changes))
 
     @staticmethod
-    def _master_ready(inventory: Inventory, master: HostFacts, platform: Platform
-                      ) -> str | None:
+    def _master_ready(master: HostFacts, platform: Platform) -> str | None:
         """Why the master cannot serve the workers yet (None: it can)."""
         if parse_manifest(master.file_text(render.MANIFEST)) is None:
             return f"no {render.MANIFEST} on the master"
