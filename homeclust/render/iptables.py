@@ -9,6 +9,10 @@ Who owns what: the nat step owns the ``nat`` table, the firewall step the
 and each step replaces only its own table's section in the persistent rules
 file, so re-running one step never undoes the other -- unlike the guide, whose
 firewall section starts by flushing the NAT rules the previous section added.
+
+Interface names go into the rules unquoted (``iptables-restore`` has no
+quoting for them, and a name starting with ``-`` would read as an option):
+only plain names are rendered, anything else is refused.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import re
 from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network
 
+from homeclust.errors import UnsafeValueError
 from homeclust.facts import normalize_iptables
 from homeclust.inventory import Inventory, Node
+from homeclust.quoting import require_interface
 
 #: Chains other tools manage inside our tables; ignored when comparing (fail2ban
 #: creates f2b-<jail> chains and jumps to them from INPUT).
@@ -49,7 +55,7 @@ def _log(chain: str, label: str) -> str:
 def _public_accepts(inventory: Inventory, *, version: int) -> list[str]:
     """The master's public-side accepts: ``public_tcp_ports`` open to all, except the SSH
     port, which is open only to the ``ssh_from`` networks of this IP version."""
-    interface = inventory.master.public_interface
+    interface = require_interface(inventory.master.public_interface)
     fw = inventory.firewall
     rules = []
     for port in fw.public_tcp_ports:
@@ -62,9 +68,9 @@ def _public_accepts(inventory: Inventory, *, version: int) -> list[str]:
 
 def render_nat_table(inventory: Inventory) -> str:
     """The master's nat table: masquerade the private network out of the public side."""
-    m = inventory.master
+    public = require_interface(inventory.master.public_interface)
     return _table("nat", {}, [
-        f"-A POSTROUTING -s {inventory.cluster.private_network} -o {m.public_interface} -j MASQUERADE",
+        f"-A POSTROUTING -s {inventory.cluster.private_network} -o {public} -j MASQUERADE",
     ])
 
 
@@ -75,7 +81,7 @@ def render_filter_table(inventory: Inventory, node: Node) -> str:
     rules = [
         "-A INPUT -i lo -j ACCEPT",
         f"-A INPUT {established}",
-        f"-A INPUT -s {private} -i {node.private_interface} -j ACCEPT",
+        f"-A INPUT -s {private} -i {require_interface(node.private_interface)} -j ACCEPT",
     ]
     if node.is_master:
         m = inventory.master
@@ -83,9 +89,10 @@ def render_filter_table(inventory: Inventory, node: Node) -> str:
         rules += _public_accepts(inventory, version=4)
         if fw.log_dropped:
             rules.append(_log("INPUT", "input"))
+        inside, outside = require_interface(m.private_interface), require_interface(m.public_interface)
         rules += [
             f"-A FORWARD {established}",
-            f"-A FORWARD -s {private} -i {m.private_interface} -o {m.public_interface} -j ACCEPT",
+            f"-A FORWARD -s {private} -i {inside} -o {outside} -j ACCEPT",
         ]
         if fw.log_dropped:
             rules.append(_log("FORWARD", "forward"))
@@ -107,7 +114,7 @@ def render_filter6_table(inventory: Inventory, node: Node) -> str:
         "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
         "-A INPUT -p ipv6-icmp -j ACCEPT",
         "-A INPUT -s fe80::/10 -p udp -m udp --dport 546 -j ACCEPT",
-        f"-A INPUT -i {node.private_interface} -j ACCEPT",
+        f"-A INPUT -i {require_interface(node.private_interface)} -j ACCEPT",
     ]
     if node.is_master:
         rules += _public_accepts(inventory, version=6)
@@ -187,10 +194,20 @@ def replace_table(current: str | None, table: str, rendered: str) -> str:
     )
 
 
+_HEREDOC_END = "HOMECLUST_RULES_EOF"
+
+
 def restore_command(rendered: str, *, ipv6: bool = False) -> str:
-    """Load one table atomically (tables not in the input are left alone)."""
+    """Load one table atomically (tables not in the input are left alone).
+
+    The table goes through a quoted here-document, so the shell expands nothing
+    in it; a line equal to the delimiter would end it early and run the rest
+    as commands, so such a table is refused.
+    """
+    if _HEREDOC_END in rendered.splitlines() or not rendered.endswith("\n"):
+        raise UnsafeValueError("refusing to load a table that would end its here-document early")
     tool = "ip6tables-restore" if ipv6 else "iptables-restore"
-    return f"{tool} <<'HOMECLUST_RULES_EOF'\n{rendered}HOMECLUST_RULES_EOF"
+    return f"{tool} <<'{_HEREDOC_END}'\n{rendered}{_HEREDOC_END}"
 
 
 def chain_policy(table_text: str | None, chain: str) -> str | None:

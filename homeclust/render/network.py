@@ -13,6 +13,10 @@ derived from the inventory) is rendered into the backend's own files:
 plus ``/etc/hosts`` (a managed block) and ``/etc/hostname`` for all.
 Existing files that configure the same interfaces are taken over: they are
 listed as files to remove, so two configurations never fight.
+
+Every value is quoted for the file it goes to (:mod:`homeclust.quoting`);
+interface and host names, which have no quoting in ``/etc/network/interfaces``,
+``/etc/hosts`` or file names, are refused unless plain.
 """
 
 from __future__ import annotations
@@ -26,6 +30,14 @@ from typing import Literal
 
 from homeclust.inventory import Inventory, Node
 from homeclust.platforms import NetworkBackend
+from homeclust.quoting import (
+    dhclient_string,
+    ifcfg_value,
+    keyfile_value,
+    require_hostname,
+    require_interface,
+    yaml_string,
+)
 
 MANAGED = "# Managed by homeclust (network step): edit the inventory, not this file."
 
@@ -40,12 +52,24 @@ class InterfaceSpec:
     dns: tuple[IPv4Address, ...] = ()
     client_id: str | None = None
 
+    def __post_init__(self) -> None:
+        # The name is a word in /etc/network/interfaces and iptables rules and part of
+        # file names: no quoting exists there, so only plain names get this far.
+        require_interface(self.name)
+
     @property
     def comment(self) -> str:
+        """One line of text about the interface, for comments in the files."""
         if self.role == "public":
-            how = f"DHCP, client id {self.client_id}" if self.method == "dhcp" else "static"
+            # ascii(): a client id is shown, never able to end the comment line.
+            shown = self.client_id if _plain(self.client_id) else ascii(self.client_id)
+            how = f"DHCP, client id {shown}" if self.method == "dhcp" else "static"
             return f"public side: institute network ({how})"
         return "private cluster network"
+
+
+def _plain(text: str | None) -> bool:
+    return text is not None and re.fullmatch(r"[A-Za-z0-9._:-]+", text) is not None
 
 
 @dataclass(frozen=True)
@@ -159,8 +183,9 @@ def render_dhclient_conf(specs: Sequence[InterfaceSpec]) -> str | None:
         "        rfc3442-classless-static-routes, ntp-servers;",
     ]
     for spec in dhcp:
-        lines += ["", f'interface "{spec.name}" {{',
-                  f'    send dhcp-client-identifier "{spec.client_id}";', "}"]
+        lines += ["", f"interface {dhclient_string(spec.name)} {{",
+                  f"    send dhcp-client-identifier {dhclient_string(spec.client_id or '')};",
+                  "}"]
     return "\n".join(lines) + "\n"
 
 
@@ -174,7 +199,8 @@ def render_resolv_conf(dns: Sequence[IPv4Address]) -> str:
 def render_netplan(specs: Sequence[InterfaceSpec]) -> str:
     lines = [MANAGED, "network:", "  version: 2", "  renderer: networkd", "  ethernets:"]
     for spec in specs:
-        lines.append(f"    {spec.name}:")
+        # Quoted: a plain YAML key such as "1e3" or "on" would not be a string.
+        lines.append(f"    {yaml_string(spec.name)}:")
         if spec.method == "dhcp":
             lines += ["      dhcp4: true", "      dhcp-identifier: mac"]
             continue
@@ -187,20 +213,23 @@ def render_netplan(specs: Sequence[InterfaceSpec]) -> str:
 
 
 def netplan_defines(text: str, names: Sequence[str]) -> bool:
-    """Whether a netplan file defines one of ``names`` (a key at ethernet level)."""
-    return any(re.search(rf"^\s+{re.escape(name)}:\s*$", text, re.MULTILINE) for name in names)
+    """Whether a netplan file defines one of ``names`` (a key at ethernet level, maybe quoted)."""
+    return any(re.search(rf"^\s+([\"']?){re.escape(name)}\1:\s*$", text, re.MULTILINE)
+               for name in names)
 
 
 # --------------------------------------------------------------------------- RHEL
 
 
 def render_ifcfg(spec: InterfaceSpec, *, nm_controlled: bool) -> str:
-    lines = [MANAGED, f"# {spec.comment}", "TYPE=Ethernet", f"DEVICE={spec.name}",
-             f"NAME={spec.name}", "ONBOOT=yes", f"NM_CONTROLLED={'yes' if nm_controlled else 'no'}"]
+    # CentOS 7 sources this file as shell: every value from the inventory is one quoted word.
+    lines = [MANAGED, f"# {spec.comment}", "TYPE=Ethernet", f"DEVICE={ifcfg_value(spec.name)}",
+             f"NAME={ifcfg_value(spec.name)}", "ONBOOT=yes",
+             f"NM_CONTROLLED={'yes' if nm_controlled else 'no'}"]
     if spec.method == "dhcp":
         lines += ["BOOTPROTO=dhcp", "DEFROUTE=yes", "PEERDNS=yes"]
         if spec.client_id:
-            lines.append(f"DHCP_CLIENT_ID={spec.client_id}")
+            lines.append(f"DHCP_CLIENT_ID={ifcfg_value(spec.client_id)}")
     else:
         assert spec.address is not None
         lines += ["BOOTPROTO=none", f"IPADDR={spec.address.ip}",
@@ -226,13 +255,13 @@ def ifcfg_device(text: str) -> str | None:
 
 
 def render_nm_keyfile(spec: InterfaceSpec) -> str:
-    lines = [MANAGED, "[connection]", f"id=homeclust-{spec.name}", "type=ethernet",
-             f"interface-name={spec.name}", "autoconnect=true", "autoconnect-priority=100",
-             "", "[ethernet]", "", "[ipv4]"]
+    lines = [MANAGED, "[connection]", f"id={keyfile_value('homeclust-' + spec.name)}",
+             "type=ethernet", f"interface-name={keyfile_value(spec.name)}", "autoconnect=true",
+             "autoconnect-priority=100", "", "[ethernet]", "", "[ipv4]"]
     if spec.method == "dhcp":
         lines.append("method=auto")
         if spec.client_id:
-            lines.append(f"dhcp-client-id={spec.client_id}")
+            lines.append(f"dhcp-client-id={keyfile_value(spec.client_id)}")
     else:
         assert spec.address is not None
         gateway = f",{spec.gateway}" if spec.gateway else ""
@@ -343,6 +372,8 @@ def reapply_command(backend: NetworkBackend, interfaces: Sequence[str]) -> str:
     restored, to roll back -- so it must not depend on which one is on disk:
     the interface is taken down, its addresses flushed, and brought up again.
     """
+    for name in interfaces:
+        require_interface(name)  # also part of a pid file's path below
     if backend == "netplan":
         return "netplan generate && netplan apply"
     if backend in ("nm-ifcfg", "nm-keyfile"):
@@ -372,6 +403,8 @@ def reapply_command(backend: NetworkBackend, interfaces: Sequence[str]) -> str:
 
 def restore_command(backend: NetworkBackend, interfaces: Sequence[str]) -> str:
     """Re-apply after the previous files were put back (rollback)."""
+    for name in interfaces:
+        require_interface(name)
     if backend in ("nm-ifcfg", "nm-keyfile"):
         connects = "; ".join(f"nmcli device connect {shlex.quote(i)}" for i in interfaces)
         return f"nmcli connection reload; {connects}"
@@ -397,7 +430,8 @@ def render_hosts(inventory: Inventory, current: str | None) -> str:
     worker1``) are dropped: a node resolving its own name to loopback breaks
     MPI and the schedulers.
     """
-    names = {n.name for n in inventory.nodes}
+    # /etc/hosts has no quoting: a name with a space would map a second name.
+    names = {require_hostname(n.name) for n in inventory.nodes}
     kept: list[str] = []
     inside = False
     for line in (current if current is not None else _DEFAULT_HOSTS).splitlines():
@@ -424,4 +458,4 @@ def render_hosts(inventory: Inventory, current: str | None) -> str:
 
 
 def render_hostname(node: Node) -> str:
-    return node.name + "\n"
+    return require_hostname(node.name) + "\n"
