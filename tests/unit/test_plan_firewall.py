@@ -285,3 +285,103 @@ def test_every_file_a_step_writes_is_read_back_by_the_facts(name: str, node: str
         for change in step.plan(PlanContext(INV, INV.node(node), facts)).changes:
             if isinstance(change, FileChange):
                 assert any(fnmatch.fnmatch(change.path, p) for p in patterns), (step.name, change.path)
+
+
+# --------------------------------------------------------------------------- IPv6 lockout check
+
+
+@pytest.mark.parametrize(("client", "allowed"), [
+    ("fe80::5054:ff:fe12:3456", True),    # link-local: what the private side accepts
+    ("2001:db8:10::5", False),            # a global address arriving on the private side
+    ("fd00:10::5", False),                # unique local: not link-local either
+])
+def test_ipv6_session_on_the_private_side_needs_a_link_local_source(client: str,
+                                                                    allowed: bool) -> None:
+    """The IPv6 rules accept only link-local sources on the private interface; the lockout
+    check must agree, or it would wave through a session the new rules drop."""
+    addresses6 = "3: eth1    inet6 fd00:10::1/64 scope global \\       valid_lft forever\n"
+    facts = recorded("debian12-master").but(ssh_connection=f"{client} 40000 fd00:10::1 22\n",
+                                            addresses6=addresses6).facts()
+    if allowed:
+        assert loads(plan(facts))
+    else:
+        with pytest.raises(StepError, match="would lock you out"):
+            plan(facts)
+
+
+# --------------------------------------------------------------------------- unknown origin
+
+
+def test_unknown_ssh_origin_refuses_a_firewall_change() -> None:
+    """No $SSH_CONNECTION: the lockout check cannot be made, so no table is loaded."""
+    facts = recorded("debian12-master").but(ssh_connection="").facts()
+    assert facts.ssh_peer is None
+    with pytest.raises(StepError, match="origin of the SSH session is unknown") as error:
+        plan(facts)
+    assert error.value.hint and "nothing was changed" in error.value.hint
+
+
+def test_unknown_ssh_origin_is_fine_when_the_live_tables_are_right() -> None:
+    # Nothing would be loaded, so nothing can cut the session: a rules-file fix still plans.
+    facts = converged("debian12-master").but(ssh_connection="").facts()
+    assert plan(facts).changes == ()
+    rules = converged("debian12-master").file_text("/etc/iptables/rules.v4") + "# edited\n"
+    edited = converged("debian12-master").but(
+        ssh_connection="", files={"/etc/iptables/rules.v4": rules}).facts()
+    assert [c.description for c in plan(edited).changes] == ["update /etc/iptables/rules.v4"]
+
+
+# --------------------------------------------------------------------------- posture
+
+
+def posture(facts: HostFacts, node: str = "master") -> dict[str, tuple[str, str]]:
+    items = STEP.posture(PlanContext(INV, INV.node(node), facts))
+    return {item.name: (item.status, item.detail) for item in items}
+
+
+def with_forward_rule(rule: str) -> HostFacts:
+    save = converged("debian12-master").sections["iptables-save"]
+    marker = "-A FORWARD -m limit"
+    assert marker in save
+    return converged("debian12-master").but(
+        iptables_save=save.replace(marker, rule + "\n" + marker, 1)).facts()
+
+
+def test_posture_of_a_converged_master_passes() -> None:
+    items = posture(converged("debian12-master").facts())
+    assert {name: status for name, (status, _) in items.items()} == {
+        "INPUT policy": "pass", "FORWARD policy": "pass", "IPv6 INPUT policy": "pass",
+        "IPv6 FORWARD policy": "pass", "forwarding one-way": "pass",
+        "rules persist at boot": "pass"}
+
+
+@pytest.mark.parametrize("rule", [
+    # eth10 is not eth1, eth0x is not eth0: interface names are compared whole.
+    "-A FORWARD -s 192.168.10.0/24 -i eth10 -o eth0 -j ACCEPT",
+    "-A FORWARD -i eth1 -o eth0x -j ACCEPT",
+    "-A FORWARD ! -i eth1 -o eth0 -j ACCEPT",
+    "-A FORWARD -i eth0 -o eth1 -j ACCEPT",
+    "-A FORWARD -j ACCEPT",
+    # Not established-only, whatever a comment says.
+    '-A FORWARD -m comment --comment "RELATED,ESTABLISHED" -j ACCEPT',
+    "-A FORWARD -m conntrack --ctstate NEW,RELATED,ESTABLISHED -j ACCEPT",
+])
+def test_posture_flags_forward_accepts_beyond_private_to_public(rule: str) -> None:
+    status, detail = posture(with_forward_rule(rule))["forwarding one-way"]
+    assert status == "fail" and rule in detail
+
+
+def test_posture_checks_the_ipv6_forward_policy() -> None:
+    save6 = converged("debian12-master").sections["ip6tables-save"]
+    assert ":FORWARD DROP" in save6
+    facts = converged("debian12-master").but(
+        ip6tables_save=save6.replace(":FORWARD DROP", ":FORWARD ACCEPT", 1)).facts()
+    assert posture(facts)["IPv6 FORWARD policy"][0] == "fail"
+
+
+def test_posture_flags_any_ipv6_forward_accept() -> None:
+    save6 = converged("debian12-master").sections["ip6tables-save"]
+    facts = converged("debian12-master").but(ip6tables_save=save6.replace(
+        "COMMIT", "-A FORWARD -i eth1 -o eth0 -j ACCEPT\nCOMMIT", 1)).facts()
+    status, detail = posture(facts)["forwarding one-way"]
+    assert status == "fail" and "(IPv6) -A FORWARD -i eth1 -o eth0 -j ACCEPT" in detail
