@@ -11,9 +11,19 @@ from homeclust.inventory import Inventory
 from homeclust.render.iptables import render_filter_table, split_rules_file
 from homeclust.steps.base import PlanContext, StepPlan
 from homeclust.steps.firewall import ROLLBACK_AFTER, FirewallStep
-from tests.unit.factsbuilder import converged, fixture_text, golden_text, inventory, recorded
+from tests.unit.factsbuilder import (
+    converged,
+    edit_table,
+    fixture_text,
+    golden_text,
+    inventory,
+    lab_inventory,
+    lab_text,
+    recorded,
+)
 
 INV = inventory()
+LAB = lab_inventory()  # converged Debian hosts are the lab's (tests/fixtures/lab)
 STEP = FirewallStep()
 
 
@@ -81,9 +91,9 @@ def test_host_without_ipv6_gets_no_ipv6_rules() -> None:
 
 
 def test_ipv6_drift_alone_is_planned_and_guarded() -> None:
-    save6 = fixture_text("iptables/debian12-worker-converged6.save").replace(
-        ":INPUT DROP", ":INPUT ACCEPT")
-    result = plan(converged("debian12-worker").but(ip6tables_save=save6).facts(), "worker1")
+    save6 = edit_table(lab_text("worker1", "ip6tables-save.txt"), "filter",
+                       policy=("INPUT", "ACCEPT"))
+    result = plan(converged("debian12-worker").but(ip6tables_save=save6).facts(), "worker1", LAB)
     assert [c.description for c in result.changes] == [
         "load the ip6tables filter table (ip6tables-restore)"]
     assert result.guard is not None
@@ -122,19 +132,15 @@ def test_iptables_persistent_left_in_rc_state_is_installed_again() -> None:
 
 
 def test_fail2ban_chains_are_not_drift() -> None:
-    save = fixture_text("iptables/debian12-master-converged.save").replace(
-        ":OUTPUT ACCEPT [2201:301442]\n",
-        ":OUTPUT ACCEPT [2201:301442]\n:f2b-sshd - [0:0]\n"
-        "-A INPUT -p tcp -m multiport --dports 22 -j f2b-sshd\n",
-    ).replace(
-        "-A FORWARD -m limit --limit 5/min -j LOG --log-prefix \"homeclust-forward-drop: \"\n",
-        "-A FORWARD -m limit --limit 5/min -j LOG --log-prefix \"homeclust-forward-drop: \"\n"
-        "-A f2b-sshd -s 203.0.113.7/32 -j REJECT --reject-with icmp-port-unreachable\n"
-        "-A f2b-sshd -j RETURN\n",
-    )
-    assert "f2b-sshd" in converged("debian12-master").but(iptables_save=save).facts().iptables[
-        "filter"]
-    assert plan(converged("debian12-master").but(iptables_save=save).facts()).changes == ()
+    # As fail2ban leaves the table: its chain, and a jump to it first in INPUT.
+    save = edit_table(
+        lab_text("master", "iptables-save.txt"), "filter", chains=[":f2b-sshd - [0:0]"],
+        first_rules=["-A INPUT -p tcp -m multiport --dports 22 -j f2b-sshd"],
+        rules=["-A f2b-sshd -s 203.0.113.7/32 -j REJECT --reject-with icmp-port-unreachable",
+               "-A f2b-sshd -j RETURN"])
+    facts = converged("debian12-master").but(iptables_save=save).facts()
+    assert "f2b-sshd" in facts.iptables["filter"]
+    assert plan(facts, inv=LAB).changes == ()
 
 
 # --------------------------------------------------------------------------- drift
@@ -156,21 +162,22 @@ def test_hand_added_input_rule_reloads_the_table_under_guard() -> None:
 
 
 def test_policy_switched_to_accept_is_drift() -> None:
-    save = fixture_text("iptables/debian12-worker-converged.save").replace(
-        ":INPUT DROP [3:228]", ":INPUT ACCEPT [3:228]")
-    result = plan(converged("debian12-worker").but(iptables_save=save).facts(), "worker1")
+    save = edit_table(lab_text("worker1", "iptables-save.txt"), "filter",
+                      policy=("INPUT", "ACCEPT"))
+    result = plan(converged("debian12-worker").but(iptables_save=save).facts(), "worker1", LAB)
     assert len(loads(result)) == 1 and result.guard is not None
 
 
 def test_flushed_table_after_a_reboot_without_the_loader() -> None:
-    result = plan(converged("debian12-worker").but(iptables_save="").facts(), "worker1")
+    result = plan(converged("debian12-worker").but(iptables_save="").facts(), "worker1", LAB)
     assert len(loads(result)) == 1
 
 
 def test_edited_rules_file_is_rewritten_without_touching_the_live_table() -> None:
-    rules = golden_text("iptables/rules-master.v4").replace(
+    rules = converged("debian12-master").file_text("/etc/iptables/rules.v4").replace(
         "--dport 22 -j ACCEPT", "--dport 22 -j ACCEPT\n-A INPUT -p icmp -j ACCEPT")
-    result = plan(converged("debian12-master").but(files={"/etc/iptables/rules.v4": rules}).facts())
+    result = plan(converged("debian12-master").but(files={"/etc/iptables/rules.v4": rules}).facts(),
+                  inv=LAB)
     (change,) = result.changes
     assert isinstance(change, FileChange) and change.path == "/etc/iptables/rules.v4"
     assert "-A INPUT -p icmp -j ACCEPT" in change.diff()
@@ -324,27 +331,25 @@ def test_unknown_ssh_origin_refuses_a_firewall_change() -> None:
 def test_unknown_ssh_origin_is_fine_when_the_live_tables_are_right() -> None:
     # Nothing would be loaded, so nothing can cut the session: a rules-file fix still plans.
     facts = converged("debian12-master").but(ssh_connection="").facts()
-    assert plan(facts).changes == ()
+    assert plan(facts, inv=LAB).changes == ()
     rules = converged("debian12-master").file_text("/etc/iptables/rules.v4") + "# edited\n"
     edited = converged("debian12-master").but(
         ssh_connection="", files={"/etc/iptables/rules.v4": rules}).facts()
-    assert [c.description for c in plan(edited).changes] == ["update /etc/iptables/rules.v4"]
+    assert [c.description for c in plan(edited, inv=LAB).changes] == [
+        "update /etc/iptables/rules.v4"]
 
 
 # --------------------------------------------------------------------------- posture
 
 
 def posture(facts: HostFacts, node: str = "master") -> dict[str, tuple[str, str]]:
-    items = STEP.posture(PlanContext(INV, INV.node(node), facts))
+    items = STEP.posture(PlanContext(LAB, LAB.node(node), facts))
     return {item.name: (item.status, item.detail) for item in items}
 
 
 def with_forward_rule(rule: str) -> HostFacts:
-    save = converged("debian12-master").sections["iptables-save"]
-    marker = "-A FORWARD -m limit"
-    assert marker in save
-    return converged("debian12-master").but(
-        iptables_save=save.replace(marker, rule + "\n" + marker, 1)).facts()
+    save = edit_table(lab_text("master", "iptables-save.txt"), "filter", rules=[rule])
+    return converged("debian12-master").but(iptables_save=save).facts()
 
 
 def test_posture_of_a_converged_master_passes() -> None:
@@ -372,16 +377,15 @@ def test_posture_flags_forward_accepts_beyond_private_to_public(rule: str) -> No
 
 
 def test_posture_checks_the_ipv6_forward_policy() -> None:
-    save6 = converged("debian12-master").sections["ip6tables-save"]
-    assert ":FORWARD DROP" in save6
-    facts = converged("debian12-master").but(
-        ip6tables_save=save6.replace(":FORWARD DROP", ":FORWARD ACCEPT", 1)).facts()
+    save6 = edit_table(lab_text("master", "ip6tables-save.txt"), "filter",
+                       policy=("FORWARD", "ACCEPT"))
+    facts = converged("debian12-master").but(ip6tables_save=save6).facts()
     assert posture(facts)["IPv6 FORWARD policy"][0] == "fail"
 
 
 def test_posture_flags_any_ipv6_forward_accept() -> None:
-    save6 = converged("debian12-master").sections["ip6tables-save"]
-    facts = converged("debian12-master").but(ip6tables_save=save6.replace(
-        "COMMIT", "-A FORWARD -i eth1 -o eth0 -j ACCEPT\nCOMMIT", 1)).facts()
+    save6 = edit_table(lab_text("master", "ip6tables-save.txt"), "filter",
+                       rules=["-A FORWARD -i eth1 -o eth0 -j ACCEPT"])
+    facts = converged("debian12-master").but(ip6tables_save=save6).facts()
     status, detail = posture(facts)["forwarding one-way"]
     assert status == "fail" and "(IPv6) -A FORWARD -i eth1 -o eth0 -j ACCEPT" in detail

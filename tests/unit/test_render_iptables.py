@@ -28,7 +28,14 @@ from homeclust.render.iptables import (
     restore_command,
     split_rules_file,
 )
-from tests.unit.factsbuilder import check_golden, fixture_text, inventory, recorded
+from tests.unit.factsbuilder import (
+    check_golden,
+    fixture_text,
+    inventory,
+    lab_inventory,
+    lab_text,
+    recorded,
+)
 
 INV = inventory()
 CASES: dict[str, Inventory] = {
@@ -158,12 +165,26 @@ def test_rendered_tables_are_already_in_canonical_form(table: str) -> None:
     assert normalize_iptables(table) == table
 
 
-def test_rendered_tables_equal_what_the_kernel_prints_back() -> None:
-    """Hand-recorded iptables-save output of the loaded tables (nf_tables and legacy)."""
-    for name in ("debian12-master-converged.save", "rocky9-master-converged.save"):
-        live = parse_iptables_save(fixture_text(f"iptables/{name}"))
-        assert comparable(live["filter"]) == comparable(master_filter(INV)), name
-        assert comparable(live["nat"]) == comparable(render_nat_table(INV)), name
+@pytest.mark.parametrize("node", ["master", "worker1"])
+def test_rendered_tables_equal_what_the_lab_kernel_prints_back(node: str) -> None:
+    """iptables-save / ip6tables-save of a lab node after `up` (Debian 12, nf_tables),
+    captured by scripts/capture-fixtures, line for line."""
+    inv = lab_inventory()
+    live = parse_iptables_save(lab_text(node, "iptables-save.txt"))
+    live6 = parse_iptables_save(lab_text(node, "ip6tables-save.txt"))
+    assert live["filter"] == normalize_iptables(render_filter_table(inv, inv.node(node)))
+    assert live6["filter"] == normalize_iptables(render_filter6_table(inv, inv.node(node)))
+    if node == "master":
+        assert live["nat"] == normalize_iptables(render_nat_table(inv))
+    else:
+        assert "nat" not in live or not chain_rules(live["nat"], "POSTROUTING")
+
+
+def test_rendered_tables_equal_what_rhel_prints_back() -> None:
+    """Hand-recorded iptables-save output of the loaded tables (no RHEL lab)."""
+    live = parse_iptables_save(fixture_text("iptables/rocky9-master-converged.save"))
+    assert comparable(live["filter"]) == comparable(master_filter(INV))
+    assert comparable(live["nat"]) == comparable(render_nat_table(INV))
     live = parse_iptables_save(fixture_text("iptables/centos7-worker-converged.save"))
     assert comparable(live["filter"]) == comparable(render_filter_table(INV, INV.node("worker2")))
 
