@@ -312,14 +312,32 @@ def inventory(**tables: Mapping[str, Any] | list[Any]) -> Inventory:
 # --------------------------------------------------------------------------- golden files
 
 
+class GoldenUpdateInCI(RuntimeError):
+    """HOMECLUST_UPDATE_GOLDEN=1 in CI: a run that rewrites its own expectations proves nothing."""
+
+
+def golden_update_requested(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether golden files are to be rewritten (``HOMECLUST_UPDATE_GOLDEN=1``).
+
+    Refused when ``CI`` is set: in CI a golden test must compare, never write.
+    """
+    if environ.get("HOMECLUST_UPDATE_GOLDEN") != "1":
+        return False
+    if "CI" in environ:
+        raise GoldenUpdateInCI(
+            "HOMECLUST_UPDATE_GOLDEN=1 is refused in CI (CI is set): golden files are "
+            "updated on purpose on a developer's machine, and the diff reviewed")
+    return True
+
+
 def check_golden(relative: str, actual: str) -> None:
     """Compare ``actual`` with ``tests/golden/RELATIVE`` exactly.
 
     ``HOMECLUST_UPDATE_GOLDEN=1`` rewrites the file instead: do that only on
-    purpose, and read the diff before committing it.
+    purpose, and read the diff before committing it.  Never in CI.
     """
     path = GOLDEN / relative
-    if os.environ.get("HOMECLUST_UPDATE_GOLDEN") == "1":
+    if golden_update_requested():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(actual)
         return
