@@ -226,17 +226,39 @@ def replace_table(current: str | None, table: str, rendered: str) -> str:
 _HEREDOC_END = "HOMECLUST_RULES_EOF"
 
 
-def restore_command(rendered: str, *, ipv6: bool = False) -> str:
+def restore_command(rendered: str, *, ipv6: bool = False, keep_foreign: bool = False) -> str:
     """Load one table atomically (tables not in the input are left alone).
 
-    The table goes through a quoted here-document, so the shell expands nothing
-    in it; a line equal to the delimiter would end it early and run the rest
+    The table goes through quoted here-documents, so the shell expands nothing
+    in it; a line equal to the delimiter would end one early and run the rest
     as commands, so such a table is refused.
+
+    ``keep_foreign``: the chains of other tools (fail2ban's ``f2b-*`` with
+    their bans) and the rules jumping to them are read from the live table at
+    that moment and loaded again with ours, so re-applying the firewall never
+    lifts a ban.  Their jumps come first, as fail2ban inserts them.
     """
     if _HEREDOC_END in rendered.splitlines() or not rendered.endswith("\n"):
         raise UnsafeValueError("refusing to load a table that would end its here-document early")
-    tool = "ip6tables-restore" if ipv6 else "iptables-restore"
-    return f"{tool} <<'{_HEREDOC_END}'\n{rendered}{_HEREDOC_END}"
+    tool = "ip6tables" if ipv6 else "iptables"
+    if not keep_foreign:
+        return f"{tool}-restore <<'{_HEREDOC_END}'\n{rendered}{_HEREDOC_END}"
+    lines = rendered.splitlines(keepends=True)
+    header = "".join(line for line in lines if line.startswith(("*", ":")))
+    body = "".join(line for line in lines if not line.startswith(("*", ":")))
+    table = lines[0].strip().lstrip("*")
+    names = "|".join(prefix.rstrip("-") + "-" for prefix in FOREIGN_CHAIN_PREFIXES)
+    return (
+        f"hc_live=$({tool}-save -t {table} 2>/dev/null)\n"
+        "{\n"
+        f"cat <<'{_HEREDOC_END}'\n{header}{_HEREDOC_END}\n"
+        f"printf '%s\\n' \"$hc_live\" | grep -E '^:({names})' | "
+        "sed -E 's/\\[[0-9]+:[0-9]+\\]$/[0:0]/'\n"
+        f"printf '%s\\n' \"$hc_live\" | grep -E '^-A [A-Z]+ .*-j ({names})'\n"
+        f"printf '%s\\n' \"$hc_live\" | grep -E '^-A ({names})'\n"
+        f"cat <<'{_HEREDOC_END}'\n{body}{_HEREDOC_END}\n"
+        f"}} | {tool}-restore"
+    )
 
 
 def chain_policy(table_text: str | None, chain: str) -> str | None:

@@ -33,9 +33,11 @@ from pathlib import Path
 
 import tomli_w
 
-from homeclust.facts import gather_script, parse_facts
+from homeclust.facts import FactQuery, gather_script, parse_facts
+from homeclust.inventory import load_inventory
 from homeclust.lab import Lab
-from homeclust.runner import fact_paths
+from homeclust.runner import fact_query
+from homeclust.steps import resolve_steps
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "tests" / "fixtures" / "lab"
@@ -105,6 +107,12 @@ def ssh_connection(lab: Lab, node: str) -> str:
     return f"{master} 50022 {plan.node(node).private_address.ip} 22"
 
 
+def steps_query(lab: Lab) -> FactQuery:
+    """What homeclust asks a host for when it runs the captured steps."""
+    inventory = load_inventory(lab.inventory_path)
+    return fact_query(inventory, resolve_steps(inventory, [STEPS]))
+
+
 def capture_node(lab: Lab, node: str, out: Path) -> None:
     out.mkdir(parents=True)
     (out / "iptables-save.txt").write_text(node_sh(lab, node, "iptables-save"))
@@ -117,8 +125,9 @@ def capture_node(lab: Lab, node: str, out: Path) -> None:
         target = out / "files" / path.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(base64.b64decode(encoded))
-    facts = node_sh(lab, node, gather_script(fact_paths()), ssh_connection(lab, node))
-    parse_facts(facts)  # a complete, parseable output, or the capture fails here
+    query = steps_query(lab)
+    facts = node_sh(lab, node, gather_script(query), ssh_connection(lab, node))
+    parse_facts(facts, query)  # a complete, parseable output, or the capture fails here
     (out / "facts.txt").write_text(facts)
 
 
