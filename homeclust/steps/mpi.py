@@ -113,7 +113,7 @@ class MpiStep(Step):
 
         accounts = facts.get(accounts_fact(inventory))
         for user in inventory.users:
-            if accounts.user(user.name) is None:
+            if accounts.user(user.name) is None and "ssh-keys" not in ctx.pending_steps:
                 warnings.append(f"cluster user {user.name} does not exist here yet (the "
                                 f"ssh-keys step creates it): ~/hostfile follows once it does")
                 continue

@@ -155,3 +155,11 @@ def test_the_check_program_exchanges_8_mib_and_verifies_it() -> None:
     compile(program, "mpi-check.py", "exec")  # valid Python (2.7-compatible subset)
     assert "SIZE = 8388608" in program and "Sendrecv" in program
     assert "incoming == pattern(1000 + peer)" in program
+
+
+def test_plan_counts_on_ssh_keys_creating_the_user_when_it_runs_first() -> None:
+    ctx = PlanContext(INV, INV.node("worker1"), facts(fresh("debian12-worker")), {},
+                      pending_steps=frozenset({"ssh-keys"}))
+    result = STEP.plan(ctx)
+    assert files(result)["/home/hpc/hostfile"].owner == "hpc"
+    assert not any("does not exist" in w for w in result.warnings)
