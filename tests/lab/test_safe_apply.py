@@ -99,7 +99,7 @@ def test_ctrl_c_while_armed_rolls_back_now_and_exits_130(
         converged: Lab, drifted: str, lab_inventory_path: Path) -> None:
     before = sh(converged, "master", RULES)
     run = patched(lab_inventory_path, "up", "--only", "firewall", "--host", "master", "--json",
-                  slow=25)
+                  slow=15)
     try:
         wait_for(lambda: armed(converged), 120, "the master's change to be armed")
         time.sleep(1)
