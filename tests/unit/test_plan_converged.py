@@ -1,6 +1,10 @@
 """The idempotency proof at the planning level: a host already in the target state plans
 nothing, for every step -- Debian hosts as captured from the lab after `homeclust up`
-(tests/fixtures/lab), RHEL hosts hand-written (no RHEL lab)."""
+(tests/fixtures/lab for network, nat and firewall), RHEL hosts hand-written (no RHEL lab).
+
+The ssh-keys and mpi steps plan from the whole cluster (keys come from the master's
+facts): their converged hosts are the lab-captured ones of :mod:`tests.unit.meshfacts`,
+planned with the converged master of the same family beside them."""
 
 from __future__ import annotations
 
@@ -9,20 +13,39 @@ import pytest
 from homeclust.facts import parse_iptables_save
 from homeclust.steps import REGISTRY
 from homeclust.steps.base import PlanContext
-from tests.unit.factsbuilder import LAB, LAB_NODES, converged, converged_inventory, lab_text
+from tests.unit import meshfacts
+from tests.unit.factsbuilder import (
+    LAB,
+    LAB_NODES,
+    converged,
+    converged_inventory,
+    lab_text,
+)
 
 HOSTS = [("debian12-master", "master"), ("debian12-worker", "worker1"),
          ("rocky9-master", "master"), ("centos7-worker", "worker2")]
+MESH_STEPS = ("ssh-keys", "mpi")
 CASES = [(step, name, node) for step in REGISTRY for name, node in HOSTS
          if REGISTRY[step].targets(converged_inventory(name), converged_inventory(name).node(node))]
 
 
+def context(step: str, name: str, node: str) -> PlanContext:
+    if step not in MESH_STEPS:
+        inv = converged_inventory(name)
+        return PlanContext(inv, inv.node(node), converged(name).facts())
+    inv = meshfacts.INV
+    master = "rocky9-master" if name.startswith(("rocky", "centos")) else "debian12-master"
+    cluster = {"master": meshfacts.facts(meshfacts.converged(master))}
+    node = "master" if node == "master" else "worker1"  # the captured worker
+    return PlanContext(inv, inv.node(node), meshfacts.facts(meshfacts.converged(name)), cluster)
+
+
 @pytest.mark.parametrize(("step", "name", "node"), CASES)
 def test_converged_host_plans_nothing(step: str, name: str, node: str) -> None:
-    inv = converged_inventory(name)
-    result = REGISTRY[step].plan(PlanContext(inv, inv.node(node), converged(name).facts()))
+    result = REGISTRY[step].plan(context(step, name, node))
     assert result.changes == (), result.descriptions()
     assert result.guard is None
+    assert not result.incomplete
 
 
 @pytest.mark.parametrize("name", sorted(LAB_NODES))
