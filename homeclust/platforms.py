@@ -20,6 +20,7 @@ from typing import Literal
 
 from homeclust.errors import FactError
 from homeclust.facts import HostFacts, OsRelease
+from homeclust.quoting import PACKAGE_RE, require
 
 Family = Literal["debian", "rhel"]
 NetworkBackend = Literal["ifupdown", "netplan", "ifcfg", "nm-ifcfg", "nm-keyfile"]
@@ -42,8 +43,13 @@ class Platform:
     # -- packages ---------------------------------------------------------------
 
     def install_command(self, packages: Iterable[str]) -> str:
-        """Shell command installing ``packages`` non-interactively (keeps local config files)."""
-        names = " ".join(shlex.quote(p) for p in sorted(set(packages)))
+        """Shell command installing ``packages`` non-interactively (keeps local config files).
+
+        Names are quoted, and must be package names: a quoted ``-o...`` would still
+        be an option to the package manager.
+        """
+        names = " ".join(shlex.quote(require(p, PACKAGE_RE, "the package name"))
+                         for p in sorted(set(packages)))
         if self.package_manager == "apt":
             install = (
                 "DEBIAN_FRONTEND=noninteractive apt-get install -y -q "
@@ -186,6 +192,49 @@ class Platform:
         if self.family == "debian":
             return ("fail2ban", "python3-systemd") if journal else ("fail2ban",)
         return ("fail2ban-server", "fail2ban-systemd") if journal else ("fail2ban-server",)
+
+    # -- ssh and MPI ------------------------------------------------------------
+
+    @property
+    def ssh_client_package(self) -> str:
+        """The package with ``ssh``, ``ssh-keygen`` and ``scp``."""
+        return "openssh-client" if self.family == "debian" else "openssh-clients"
+
+    @property
+    def mpi_packages(self) -> tuple[str, ...]:
+        """Open MPI's runtime (``mpirun``, ``orted``, the libraries) and mpi4py, which
+        runs the check's data exchange without a compiler on any node.
+
+        Debian: both in main, ``mpirun`` on the default PATH through alternatives.
+        RHEL: ``openmpi`` (base) and mpi4py built against it (EPEL); CentOS 7's
+        EPEL only has it for Python 2.
+        """
+        if self.family == "debian":
+            return ("openmpi-bin", "python3-mpi4py")
+        if self.major == 7:
+            return ("openmpi", "mpi4py-openmpi")
+        return ("openmpi", "python3-mpi4py-openmpi")
+
+    @property
+    def mpi_repo_packages(self) -> tuple[str, ...]:
+        """Packages that must be installed (first) for :attr:`mpi_packages` to resolve."""
+        return () if self.family == "debian" else ("epel-release",)
+
+    @property
+    def mpi_python(self) -> str:
+        """The interpreter mpi4py is installed for."""
+        return "python" if self.family == "rhel" and self.major == 7 else "python3"
+
+    def mpi_sysconfdir(self, machine: str) -> str:
+        """Where Open MPI reads ``openmpi-mca-params.conf`` and its default hostfile
+        (``machine``: ``uname -m``; RHEL packages one Open MPI per architecture)."""
+        return "/etc/openmpi" if self.family == "debian" else f"/etc/openmpi-{machine}"
+
+    @property
+    def mpi_prefix(self) -> str | None:
+        """Open MPI's installation prefix when it is off the default paths (RHEL: the
+        environment-modules layout), else None (Debian: /usr, nothing to set)."""
+        return None if self.family == "debian" else "/usr/lib64/openmpi"
 
     # -- files ------------------------------------------------------------------
 

@@ -14,9 +14,11 @@ from homeclust.platforms import Platform
 from homeclust.steps.base import Step
 from homeclust.steps.firewall import FirewallStep
 from homeclust.steps.monitor import MonitorStep
+from homeclust.steps.mpi import MpiStep
 from homeclust.steps.nat import NatStep
 from homeclust.steps.network import NetworkStep
 from homeclust.steps.repo import RepoStep
+from homeclust.steps.sshkeys import SshKeysStep
 
 
 def worker_packages(inventory: Inventory, platform: Platform) -> tuple[str, ...]:
@@ -32,7 +34,8 @@ def worker_packages(inventory: Inventory, platform: Platform) -> tuple[str, ...]
 #: Registry order is the documented order; dependencies must point backwards.
 REGISTRY: dict[str, Step] = {
     step.name: step for step in (
-        NetworkStep(), FirewallStep(), NatStep(), RepoStep(worker_packages), MonitorStep(),
+        NetworkStep(), FirewallStep(), NatStep(), RepoStep(worker_packages), SshKeysStep(),
+        MpiStep(), MonitorStep(),
     )
 }
 

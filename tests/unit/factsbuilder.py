@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from homeclust.facts import FactQuery, HostFacts, parse_facts
-from homeclust.inventory import Inventory, parse_inventory
+from homeclust.inventory import Inventory, load_inventory, parse_inventory
 
 MARKER = "@@homeclust-fact@@"
 
@@ -205,9 +205,9 @@ class FactsBuilder:
 
     def facts(self, query: FactQuery | None = None) -> HostFacts:
         """The parsed facts (the parser runs on the built text); ``query`` parses
-        step-specific facts (``x-`` sections; default: every registered step's, as a
-        run of all steps asks for them)."""
-        return parse_facts(self.build(), query if query is not None else all_steps_query())
+        step-specific facts (``x-`` sections; default: those of the repo and monitor
+        steps, whose planners always read theirs)."""
+        return parse_facts(self.build(), query if query is not None else repo_monitor_query())
 
     def file_text(self, path: str) -> str:
         return self.files[path].text
@@ -347,14 +347,32 @@ def inventory(**tables: Mapping[str, Any] | list[Any]) -> Inventory:
 # --------------------------------------------------------------------------- golden files
 
 
+class GoldenUpdateInCI(RuntimeError):
+    """HOMECLUST_UPDATE_GOLDEN=1 in CI: a run that rewrites its own expectations proves nothing."""
+
+
+def golden_update_requested(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether golden files are to be rewritten (``HOMECLUST_UPDATE_GOLDEN=1``).
+
+    Refused when ``CI`` is set: in CI a golden test must compare, never write.
+    """
+    if environ.get("HOMECLUST_UPDATE_GOLDEN") != "1":
+        return False
+    if "CI" in environ:
+        raise GoldenUpdateInCI(
+            "HOMECLUST_UPDATE_GOLDEN=1 is refused in CI (CI is set): golden files are "
+            "updated on purpose on a developer's machine, and the diff reviewed")
+    return True
+
+
 def check_golden(relative: str, actual: str) -> None:
     """Compare ``actual`` with ``tests/golden/RELATIVE`` exactly.
 
     ``HOMECLUST_UPDATE_GOLDEN=1`` rewrites the file instead: do that only on
-    purpose, and read the diff before committing it.
+    purpose, and read the diff before committing it.  Never in CI.
     """
     path = GOLDEN / relative
-    if os.environ.get("HOMECLUST_UPDATE_GOLDEN") == "1":
+    if golden_update_requested():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(actual)
         return
@@ -369,107 +387,44 @@ def golden_text(relative: str) -> str:
     return (GOLDEN / relative).read_text()
 
 
-def all_steps_query() -> FactQuery:
-    """The fact query of a run of every registered step on the base inventory."""
-    from homeclust.steps import REGISTRY
-
-    query = FactQuery()
-    for step in REGISTRY.values():
-        query = query | step.fact_query(inventory())
-    return query
+#: Converged Debian hosts, captured from the lab (tests/fixtures/lab/README.md).
+LAB = FIXTURES / "lab"
+LAB_NODES = {"debian12-master": "master", "debian12-worker": "worker1"}
 
 
-#: The inventory the converged states were made for: the base one with the lab's small
-#: repository (the Debian states were captured on the lab with these tables).
-CONVERGED_TABLES: dict[str, Any] = {"repo": {"packages": ["jq"]}, "monitor": {"tools": ["tcpdump"]}}
+def lab_inventory() -> Inventory:
+    """The inventory of the lab the Debian fixtures were captured from."""
+    return load_inventory(LAB / "inventory.toml")
+
+
+def lab_text(node: str, relative: str) -> str:
+    """A captured file: ``lab_text("master", "iptables-save.txt")``,
+    ``lab_text("worker1", "files/etc/hosts")``."""
+    return (LAB / node / relative).read_text()
+
+
+def converged_inventory(name: str) -> Inventory:
+    """The inventory ``converged(name)`` is converged for."""
+    return lab_inventory() if name in LAB_NODES else inventory()
 
 
 def converged(name: str) -> FactsBuilder:
-    """A recorded host after every step (for :data:`CONVERGED_TABLES`), as facts would see it:
-    network, nat and firewall from :func:`converged_base`; repo and monitor captured from
-    the lab (Debian) or made from golden files (RHEL, no lab) by :func:`with_repo_monitor`."""
-    return with_repo_monitor(name, converged_base(name))
+    """A host after homeclust's network, nat and firewall steps, as the facts script sees it.
 
+    Planning on these facts (with :func:`converged_inventory`) must change
+    nothing: the idempotency proof of the planners.
 
-def _units_of(text: str, units: Iterable[str]) -> str:
-    blocks = [b for b in re.split(r"\n\s*\n", text.strip()) if b.strip()]
-    return "\n".join(b + "\n" for b in blocks if any(f"Names={u}" in b.split() for u in units))
-
-
-#: What the repo and monitor steps manage, on either role (file paths).
-REPO_MONITOR_FILES = {
-    "master": ("/etc/nginx/nginx.conf", "/var/lib/homeclust/repo/manifest",
-               "/var/lib/homeclust/repo/signing-key.asc", "/var/lib/homeclust/repo/signing-key.pub.asc",
-               "/srv/homeclust-repo/debian/InRelease", "/etc/fail2ban/jail.d/homeclust.local"),
-    "worker": ("/etc/apt/keyrings/homeclust-repo.asc", "/etc/apt/sources.list.d/homeclust.sources",
-               "/etc/apt/sources.list", "/var/lib/apt/lists/192.168.10.1_debian_._InRelease"),
-}
-
-
-def with_repo_monitor(name: str, base: FactsBuilder) -> FactsBuilder:
-    """``base`` plus the repo and monitor steps' converged state."""
-    role = "master" if name.endswith("master") else "worker"
-    if name.startswith("debian12"):
-        lab = parse_recorded(fixture_text(f"lab-facts/debian12-{role}-converged.txt"))
-        lab_packages = lab.sections["packages"].splitlines()
-        extra: dict[str, Any] = {key.replace("-", "_"): text
-                                 for key, text in lab.sections.items() if key.startswith("x-")}
-        files: dict[str, FileArg] = {path: lab.files[path] for path in REPO_MONITOR_FILES[role]}
-        return base.but(files=files, **extra).add_lines("packages", *lab_packages).but(
-            units=base.sections.get("units", "").rstrip("\n") + "\n\n"
-            + _units_of(lab.sections["units"], ("nginx.service", "fail2ban.service")))
-    if name == "rocky9-master":
-        return base.but(
-            files={
-                "/etc/nginx/nginx.conf": golden_text("repo/rhel/etc/nginx/nginx.conf"),
-                "/var/lib/homeclust/repo/manifest": fixture_text("repo/rocky9-manifest"),
-                "/etc/fail2ban/jail.d/homeclust.local": golden_text("fail2ban/journal.local"),
-                "/etc/pki/rpm-gpg/RPM-GPG-KEY-EPEL-9": fixture_text("repo/RPM-GPG-KEY-EPEL-9"),
-            },
-            x_repo_state=fixture_text("repo/rocky9-repo-state"),
-            x_http_listeners="192.168.10.1:80\n",
-        ).add_lines("packages", *rpm_lines({
-            "epel-release": "9-7.el9", "nginx": "1:1.20.1-14.el9_2.1",
-            "createrepo_c": "0.20.1-2.el9", "dnf-plugins-core": "4.3.0-11.el9_3",
-            "tcpdump": "14:4.99.0-7.el9", "fail2ban-server": "1.0.2-12.el9",
-            "fail2ban-systemd": "1.0.2-12.el9"}).splitlines(),
-        ).with_units({"nginx.service": ("enabled", True), "fail2ban.service": ("enabled", True)})
-    if name == "centos7-worker":
-        return base.but(files={
-            "/etc/yum.repos.d/homeclust.repo":
-                golden_text("repo/rhel/centos7/etc/yum.repos.d/homeclust.repo"),
-            "/etc/pki/rpm-gpg/RPM-GPG-KEY-EPEL-7": fixture_text("repo/RPM-GPG-KEY-EPEL-7"),
-        }).add_lines("packages", *rpm_lines({"tcpdump": "14:4.9.2-4.el7_7.1"}).splitlines())
-    raise KeyError(f"no converged repo/monitor state for {name}")
-
-
-def repo_master_for(name: str) -> FactsBuilder:
-    """The converged master whose repository a converged ``name`` uses (same release):
-    the lab's Debian master, the Rocky 9 master, or a CentOS 7 master made from the Rocky
-    one (the worker's plan reads only the master's release, manifest and keys)."""
-    if name.startswith("debian12"):
-        return converged("debian12-master")
-    if name.startswith("rocky9"):
-        return converged("rocky9-master")
-    if name.startswith("centos7"):
-        master = converged("rocky9-master")
-        return master.but(
-            os_release=recorded("centos7-worker").sections["os-release"],
-            files={"/etc/pki/rpm-gpg/RPM-GPG-KEY-EPEL-9": None,
-                   "/etc/pki/rpm-gpg/RPM-GPG-KEY-EPEL-7": fixture_text("repo/RPM-GPG-KEY-EPEL-7"),
-                   "/var/lib/homeclust/repo/manifest": fixture_text("repo/centos7-manifest")})
-    raise KeyError(f"no repository master for {name}")
-
-
-def converged_base(name: str) -> FactsBuilder:
-    """A recorded host after homeclust's network, nat and firewall steps, as facts would see it.
-
-    Files come from the reviewed golden files (the renderers' expected output),
-    live firewall state from hand-recorded ``iptables-save`` output of the
-    loaded tables (``tests/fixtures/iptables/NAME-converged.save``), plus the
-    packages, services, sysctls and hostname the steps leave behind.  Planning
-    on these facts must change nothing: the idempotency proof of the planners.
+    * Debian (``debian12-master``, ``debian12-worker``): the raw facts output
+      captured from a lab node after ``homeclust up`` by ``scripts/capture-fixtures``
+      -- what homeclust really left behind, not its renderers' output fed back.
+    * RHEL family (``rocky9-master``, ``centos7-worker``): hand-written, as there
+      is no RHEL lab: the recorded fresh host with the reviewed golden files,
+      hand-recorded ``iptables-save`` output of the loaded tables
+      (``tests/fixtures/iptables/NAME-converged*.save``), and the packages,
+      services, sysctls and hostname the steps leave behind.
     """
+    if name in LAB_NODES:
+        return parse_recorded(lab_text(LAB_NODES[name], "facts.txt"))
     fresh = recorded(name)
     save = fixture_text(f"iptables/{name}-converged.save")
     nat_files: dict[str, FileArg] = {}
@@ -489,43 +444,6 @@ def converged_base(name: str) -> FactsBuilder:
         "net.netfilter.nf_conntrack_max": ("rw", "131072"),
         "net.netfilter.nf_conntrack_tcp_timeout_established": ("rw", "86400"),
     }
-    if name == "debian12-master":
-        # Inside the lab's container netns nf_conntrack_max stays read-only (a warning).
-        master_sysctls["net.netfilter.nf_conntrack_max"] = ("ro", "262144")
-        return fresh.but(
-            files={
-                "/etc/network/interfaces": golden_text(
-                    "network/ifupdown/master/etc/network/interfaces"),
-                "/etc/dhcp/dhclient.conf": golden_text(
-                    "network/ifupdown/master/etc/dhcp/dhclient.conf"),
-                "/etc/hosts": golden_text("network/hosts/debian12-master/etc/hosts"),
-                "/etc/iptables/rules.v4": rules,
-                "/etc/iptables/rules.v6": rules6,
-                **nat_files,
-            },
-            iptables_save=save,
-            ip6tables_save=fixture_text(f"iptables/{name}-converged6.save"),
-            sysctl=sysctl_lines(master_sysctls),
-        ).add_lines(
-            "packages", *dpkg_lines({"iptables-persistent": "1.0.20",
-                                     "netfilter-persistent": "1.0.20"}).splitlines(),
-        ).with_units({"netfilter-persistent.service": ("enabled", True)})
-    if name == "debian12-worker":
-        return fresh.but(
-            files={
-                "/etc/network/interfaces": golden_text(
-                    "network/ifupdown/worker1/etc/network/interfaces"),
-                "/etc/resolv.conf": golden_text("network/ifupdown/worker1/etc/resolv.conf"),
-                "/etc/hosts": golden_text("network/hosts/debian12-worker/etc/hosts"),
-                "/etc/iptables/rules.v4": rules,
-                "/etc/iptables/rules.v6": rules6,
-            },
-            iptables_save=save,
-            ip6tables_save=fixture_text(f"iptables/{name}-converged6.save"),
-        ).add_lines(
-            "packages", *dpkg_lines({"iptables-persistent": "1.0.20",
-                                     "netfilter-persistent": "1.0.20"}).splitlines(),
-        ).with_units({"netfilter-persistent.service": ("enabled", False)})
     if name == "rocky9-master":
         keyfiles = "network/nm-keyfile/master/etc/NetworkManager/system-connections/"
         directory = "/etc/NetworkManager/system-connections/"
@@ -574,6 +492,118 @@ def converged_base(name: str) -> FactsBuilder:
     raise KeyError(f"no converged state for {name}")
 
 
+# --------------------------------------------------------------------------- iptables-save edits
+
+
+def _table_span(save: str, table: str) -> tuple[int, int]:
+    """Start and end (after COMMIT\\n) of ``table`` in an iptables-save text."""
+    start = save.index(f"*{table}\n")
+    end = save.index("COMMIT\n", start) + len("COMMIT\n")
+    return start, end
+
+
+def edit_table(save: str, table: str, *, chains: Iterable[str] = (),
+               first_rules: Iterable[str] = (), rules: Iterable[str] = (),
+               policy: tuple[str, str] | None = None) -> str:
+    """``save`` with chain declarations and rules added to ``table`` (``first_rules``
+    before its first rule, ``rules`` after its last), or a built-in chain's policy
+    changed (``policy=("INPUT", "ACCEPT")``)."""
+    start, end = _table_span(save, table)
+    lines = save[start:end].splitlines(keepends=True)
+    if policy is not None:
+        chain, target = policy
+        lines = [re.sub(rf"^:{chain} \S+ ", f":{chain} {target} ", line) for line in lines]
+    last_chain = max(i for i, line in enumerate(lines) if line.startswith(":"))
+    lines[last_chain + 1:last_chain + 1] = [c + "\n" for c in (*chains, *first_rules)]
+    lines[-1:-1] = [r + "\n" for r in rules]
+    return save[:start] + "".join(lines) + save[end:]
+
+
+def drop_table(save: str, table: str) -> str:
+    """``save`` without ``table`` (as after a reboot that did not load it)."""
+    start, end = _table_span(save, table)
+    return save[:start] + save[end:]
+
+
+def repo_monitor_query() -> FactQuery:
+    """The fact query of the repo and monitor steps on the base inventory."""
+    from homeclust.steps import REGISTRY
+
+    return REGISTRY["repo"].fact_query(inventory()) | REGISTRY["monitor"].fact_query(inventory())
+
+
+# --------------------------------------------------------------------------- repo and monitor
+
+#: The inventory the repo and monitor steps' converged hosts were made for: the base one
+#: with a small repository (the Debian hosts were captured on a lab with these tables).
+CONVERGED_TABLES: dict[str, Any] = {"repo": {"packages": ["jq"]}, "monitor": {"tools": ["tcpdump"]}}
+
+#: What the repo and monitor steps manage, per role (file paths).
+REPO_MONITOR_FILES = {
+    "master": ("/etc/nginx/nginx.conf", "/var/lib/homeclust/repo/manifest",
+               "/var/lib/homeclust/repo/signing-key.asc",
+               "/var/lib/homeclust/repo/signing-key.pub.asc",
+               "/srv/homeclust-repo/debian/InRelease", "/etc/fail2ban/jail.d/homeclust.local"),
+    "worker": ("/etc/apt/keyrings/homeclust-repo.asc",
+               "/etc/apt/sources.list.d/homeclust.sources", "/etc/apt/sources.list",
+               "/var/lib/apt/lists/192.168.10.1_debian_._InRelease"),
+}
+
+
+def repo_converged(name: str) -> FactsBuilder:
+    """A host after every step up to repo and monitor (for :data:`CONVERGED_TABLES`).
+
+    Debian: the facts a lab node reported after `homeclust up` of those steps
+    (``tests/fixtures/lab-facts``).  RHEL (no lab): :func:`converged` plus the
+    repository and fail2ban state made from golden files and hand-written
+    manifests (``tests/fixtures/repo``).
+    """
+    if name.startswith("debian12"):
+        role = "master" if name.endswith("master") else "worker"
+        return parse_recorded(fixture_text(f"lab-facts/debian12-{role}-converged.txt"))
+    base = converged(name)
+    if name == "rocky9-master":
+        return base.but(
+            files={
+                "/etc/nginx/nginx.conf": golden_text("repo/rhel/etc/nginx/nginx.conf"),
+                "/var/lib/homeclust/repo/manifest": fixture_text("repo/rocky9-manifest"),
+                "/etc/fail2ban/jail.d/homeclust.local": golden_text("fail2ban/journal.local"),
+                "/etc/pki/rpm-gpg/RPM-GPG-KEY-EPEL-9": fixture_text("repo/RPM-GPG-KEY-EPEL-9"),
+            },
+            x_repo_state=fixture_text("repo/rocky9-repo-state"),
+            x_http_listeners="192.168.10.1:80\n",
+        ).add_lines("packages", *rpm_lines({
+            "epel-release": "9-7.el9", "nginx": "1:1.20.1-14.el9_2.1",
+            "createrepo_c": "0.20.1-2.el9", "dnf-plugins-core": "4.3.0-11.el9_3",
+            "tcpdump": "14:4.99.0-7.el9", "fail2ban-server": "1.0.2-12.el9",
+            "fail2ban-systemd": "1.0.2-12.el9"}).splitlines(),
+        ).with_units({"nginx.service": ("enabled", True), "fail2ban.service": ("enabled", True)})
+    if name == "centos7-worker":
+        return base.but(files={
+            "/etc/yum.repos.d/homeclust.repo":
+                golden_text("repo/rhel/centos7/etc/yum.repos.d/homeclust.repo"),
+            "/etc/pki/rpm-gpg/RPM-GPG-KEY-EPEL-7": fixture_text("repo/RPM-GPG-KEY-EPEL-7"),
+        }).add_lines("packages", *rpm_lines({"tcpdump": "14:4.9.2-4.el7_7.1"}).splitlines())
+    raise KeyError(f"no converged repo/monitor state for {name}")
+
+
+def repo_master_for(name: str) -> FactsBuilder:
+    """The converged master whose repository a converged ``name`` uses (same release):
+    the lab's Debian master, the Rocky 9 master, or a CentOS 7 master made from the Rocky
+    one (a worker's plan reads only the master's release, manifest and keys)."""
+    if name.startswith("debian12"):
+        return repo_converged("debian12-master")
+    if name.startswith("rocky9"):
+        return repo_converged("rocky9-master")
+    if name.startswith("centos7"):
+        return repo_converged("rocky9-master").but(
+            os_release=recorded("centos7-worker").sections["os-release"],
+            files={"/etc/pki/rpm-gpg/RPM-GPG-KEY-EPEL-9": None,
+                   "/etc/pki/rpm-gpg/RPM-GPG-KEY-EPEL-7": fixture_text("repo/RPM-GPG-KEY-EPEL-7"),
+                   "/var/lib/homeclust/repo/manifest": fixture_text("repo/centos7-manifest")})
+    raise KeyError(f"no repository master for {name}")
+
+
 def _without_table(text: str, table: str) -> str:
     """iptables-save text (or a rules file) without one table's block."""
     out, skipping = [], False
@@ -592,7 +622,7 @@ def _without_table(text: str, table: str) -> str:
 def after_firewall(name: str) -> FactsBuilder:
     """A recorded host after the firewall step only: the converged filter tables, rules files
     with the filter table alone, the loader installed and enabled -- but no NAT yet."""
-    fresh, done = recorded(name), converged_base(name)
+    fresh, done = recorded(name), converged(name)
     rules_files = ("/etc/iptables/rules.v4", "/etc/sysconfig/iptables")
     files: dict[str, FileArg] = {
         path: FileRecord(_without_table(done.files[path].text, "nat").encode(), 0o600)

@@ -182,7 +182,7 @@ def test_steps_follow_dependencies_not_typing_order() -> None:
     names = [s.name for s in resolve_steps(inventory, ["firewall,network", "nat"])]
     assert names == ["network", "firewall", "nat"]  # nat never forwards before the firewall
     assert [s.name for s in resolve_steps(inventory, None, ["nat"])] == [
-        "network", "firewall", "repo", "monitor"]
+        "network", "firewall", "repo", "ssh-keys", "mpi", "monitor"]
     # monitor installs the workers' tools from the master's repository
     assert [s.name for s in resolve_steps(inventory, ["monitor,repo,firewall"])] == [
         "firewall", "repo", "monitor"]

@@ -1,25 +1,77 @@
-"""The idempotency proof at the planning level: a host already in the target state
-(recorded facts of both families after the steps ran) plans nothing, for every step."""
+"""The idempotency proof at the planning level: a host already in the target state plans
+nothing, for every step -- Debian hosts as captured from the lab after `homeclust up`
+(tests/fixtures/lab for network, nat and firewall, tests/fixtures/lab-facts for repo and
+monitor), RHEL hosts hand-written (no RHEL lab).
+
+The ssh-keys and mpi steps plan from the whole cluster (keys come from the master's
+facts): their converged hosts are the lab-captured ones of :mod:`tests.unit.meshfacts`,
+planned with the converged master of the same family beside them."""
 
 from __future__ import annotations
 
 import pytest
 
+from homeclust.facts import parse_iptables_save
 from homeclust.steps import REGISTRY
 from homeclust.steps.base import PlanContext
-from tests.unit.factsbuilder import CONVERGED_TABLES, converged, inventory, repo_master_for
+from tests.unit import meshfacts
+from tests.unit.factsbuilder import (
+    CONVERGED_TABLES,
+    LAB,
+    LAB_NODES,
+    converged,
+    converged_inventory,
+    inventory,
+    lab_text,
+    repo_converged,
+    repo_master_for,
+)
 
-INV = inventory(**CONVERGED_TABLES)
 HOSTS = [("debian12-master", "master"), ("debian12-worker", "worker1"),
          ("rocky9-master", "master"), ("centos7-worker", "worker2")]
+MESH_STEPS = ("ssh-keys", "mpi")
+#: Converged for CONVERGED_TABLES (Debian: captured on a lab of their own), workers
+#: planned with their master beside them (the repo step points them at its repository).
+REPO_STEPS = ("repo", "monitor")
 CASES = [(step, name, node) for step in REGISTRY for name, node in HOSTS
-         if REGISTRY[step].targets(INV, INV.node(node))]
+         if REGISTRY[step].targets(converged_inventory(name), converged_inventory(name).node(node))]
+
+
+def context(step: str, name: str, node: str) -> PlanContext:
+    if step in REPO_STEPS:
+        inv = inventory(**CONVERGED_TABLES)
+        cluster = {} if node == "master" else {"master": repo_master_for(name).facts()}
+        return PlanContext(inv, inv.node(node), repo_converged(name).facts(), cluster)
+    if step not in MESH_STEPS:
+        inv = converged_inventory(name)
+        return PlanContext(inv, inv.node(node), converged(name).facts())
+    inv = meshfacts.INV
+    master = "rocky9-master" if name.startswith(("rocky", "centos")) else "debian12-master"
+    cluster = {"master": meshfacts.facts(meshfacts.converged(master))}
+    node = "master" if node == "master" else "worker1"  # the captured worker
+    return PlanContext(inv, inv.node(node), meshfacts.facts(meshfacts.converged(name)), cluster)
 
 
 @pytest.mark.parametrize(("step", "name", "node"), CASES)
 def test_converged_host_plans_nothing(step: str, name: str, node: str) -> None:
-    # Workers see their master's facts too (the repo step points them at its repository).
-    cluster = {} if node == "master" else {"master": repo_master_for(name).facts()}
-    result = REGISTRY[step].plan(PlanContext(INV, INV.node(node), converged(name).facts(), cluster))
+    result = REGISTRY[step].plan(context(step, name, node))
     assert result.changes == (), result.descriptions()
     assert result.guard is None
+    assert not result.incomplete
+
+
+@pytest.mark.parametrize("name", sorted(LAB_NODES))
+def test_lab_capture_is_one_consistent_snapshot(name: str) -> None:
+    """The captured facts, files and tables of a node come from the same converged lab."""
+    node = LAB_NODES[name]
+    records = converged(name).files
+    captured = sorted((LAB / node / "files").rglob("*"))
+    assert captured, "no captured files: run scripts/capture-fixtures"
+    for path in captured:
+        if path.is_file():
+            on_node = "/" + str(path.relative_to(LAB / node / "files"))
+            assert records[on_node].content == path.read_bytes(), on_node
+    facts = converged(name).facts()
+    for section, tables in (("iptables-save.txt", facts.iptables),
+                            ("ip6tables-save.txt", facts.ip6tables)):
+        assert parse_iptables_save(lab_text(node, section)) == dict(tables), section

@@ -13,10 +13,10 @@ from homeclust.steps.base import PlanContext, StepPlan
 from tests.unit.factsbuilder import (
     CONVERGED_TABLES,
     FactsBuilder,
-    converged,
     golden_text,
     inventory,
     recorded,
+    repo_converged,
 )
 
 INV = inventory(**CONVERGED_TABLES)
@@ -79,20 +79,20 @@ def test_inventory_values_reach_the_jail() -> None:
 
 
 def test_converged_master_plans_nothing_and_a_stopped_fail2ban_is_started() -> None:
-    master = converged("debian12-master")
+    master = repo_converged("debian12-master")
     assert plan(master).changes == ()
     stopped = master.with_units({"fail2ban.service": ("enabled", False)})
     assert plan(stopped).descriptions() == ["enable and start fail2ban.service"]
 
 
 def test_a_changed_jail_is_rewritten_and_fail2ban_restarted() -> None:
-    edited = converged("debian12-master").but(files={JAIL_PATH: "[sshd]\nenabled = false\n"})
+    edited = repo_converged("debian12-master").but(files={JAIL_PATH: "[sshd]\nenabled = false\n"})
     assert plan(edited).descriptions() == [f"update {JAIL_PATH}",
                                            f"restart fail2ban.service (if {JAIL_PATH} changed)"]
 
 
 def test_probe_reports_the_jail_and_its_bans() -> None:
-    master = PlanContext(INV, INV.master_node, converged("debian12-master").facts())
+    master = PlanContext(INV, INV.master_node, repo_converged("debian12-master").facts())
     (probe,) = STEP.probes(master)
     assert probe.script.startswith("fail2ban-client status sshd")
     status = ("Status for the jail: sshd\n|- Filter\n|  |- Currently failed:\t0\n"
@@ -105,5 +105,5 @@ def test_probe_reports_the_jail_and_its_bans() -> None:
     down = probe.evaluate(255, "ERROR   Failed to access socket path: /var/run/fail2ban/"
                                "fail2ban.sock. Is fail2ban running?\n")
     assert down.status == "fail" and "Is fail2ban running?" in down.detail
-    worker = PlanContext(INV, INV.node("worker1"), converged("debian12-worker").facts())
+    worker = PlanContext(INV, INV.node("worker1"), repo_converged("debian12-worker").facts())
     assert STEP.probes(worker) == []

@@ -25,13 +25,13 @@ from tests.unit.factsbuilder import (
     CONVERGED_TABLES,
     FactsBuilder,
     FileRecord,
-    all_steps_query,
-    converged,
     fixture_text,
     golden_text,
     inventory,
     recorded,
+    repo_converged,
     repo_master_for,
+    repo_monitor_query,
 )
 
 INV = inventory(**CONVERGED_TABLES)
@@ -71,7 +71,8 @@ def test_wanted_packages_come_from_every_enabled_step_plus_repo_packages() -> No
     centos = platform_of(recorded("centos7-worker").facts())
     inv = inventory(repo={"packages": ["jq", "tree"]}, monitor={"tools": ["tcpdump", "nmap"]})
     assert worker_packages(inv, debian) == (
-        "iptables", "iptables-persistent", "jq", "nmap", "tcpdump", "tree")
+        "iptables", "iptables-persistent", "jq", "nmap", "openmpi-bin", "openssh-client",
+        "python3-mpi4py", "tcpdump", "tree")
     # The firewall's loader per release: EL9 has iptables-nft where EL7 has iptables.
     assert {"iptables-nft", "iptables-services"} <= set(worker_packages(inv, rocky))
     assert "iptables" not in worker_packages(inv, rocky)
@@ -84,7 +85,8 @@ def test_wanted_packages_do_not_depend_on_what_one_run_selects() -> None:
     assert [s.name for s in steps] == ["repo"]
     facts = recorded("debian12-master").facts()
     script = build_of(plan(facts)).command
-    assert "WANTED='iptables iptables-persistent jq tcpdump'" in script
+    assert ("WANTED='iptables iptables-persistent jq openmpi-bin openssh-client "
+            "python3-mpi4py tcpdump'") in script
 
 
 def test_a_disabled_step_adds_no_packages(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,8 +147,10 @@ def test_rhel_master_plan_shows_the_full_repo_build(name: str, tools: tuple[str,
     assert ("repotrack" in build.command) == el7
     assert ("dnf -q download --resolve --alldeps" in build.command) != el7
     assert ("createrepo -q --update" if el7 else "createrepo_c -q --update") in build.command
-    wanted = "iptables iptables-services" if el7 else "iptables-nft iptables-services"
-    assert f"WANTED='{wanted} jq tcpdump'" in build.command
+    wanted = ("iptables iptables-services jq mpi4py-openmpi openmpi openssh-clients" if el7
+              else "iptables-nft iptables-services jq openmpi openssh-clients "
+              "python3-mpi4py-openmpi")
+    assert f"WANTED='{wanted} tcpdump'" in build.command
     # RHEL packages carry the vendor's signatures: no cluster key on this family.
     assert not [c for c in commands(result) if "signing key" in c.description]
     assert "enable and start nginx.service" in result.descriptions()
@@ -157,7 +161,7 @@ def test_rhel_master_plan_shows_the_full_repo_build(name: str, tools: tuple[str,
 # --------------------------------------------------------------------------- master: incremental
 
 
-DEBIAN_MASTER = converged("debian12-master")
+DEBIAN_MASTER = repo_converged("debian12-master")
 
 
 def test_converged_master_plans_nothing_even_when_asked_for_by_name_right_after_a_refresh(
@@ -173,8 +177,9 @@ def test_a_longer_list_updates_the_repository_on_fresh_lists_showing_what_is_add
     result = plan(DEBIAN_MASTER, inv=inv)
     build = build_of(result)
     assert build.description == ("update the workers' package repository: add tree")
-    assert "+tree" in build.diff and " jq" in build.diff
-    assert "WANTED='iptables iptables-persistent jq tcpdump tree'" in build.command
+    assert "+tree" in build.diff.splitlines() and " tcpdump" in build.diff.splitlines()
+    assert ("WANTED='iptables iptables-persistent jq openmpi-bin openssh-client "
+            "python3-mpi4py tcpdump tree'") in build.command
     assert "[ 1 = 1 ]" in build.command
     assert result.descriptions() == [build.description]  # nothing else changes
 
@@ -256,11 +261,12 @@ def test_the_signing_key_is_a_secret_fact_never_logged_or_diffed() -> None:
 
 
 def test_rhel_master_converged_and_its_manifest() -> None:
-    master = converged("rocky9-master")
+    master = repo_converged("rocky9-master")
     assert plan(master).changes == ()
     manifest = parse_manifest(fixture_text("repo/rocky9-manifest"))
     assert manifest is not None and manifest.wanted == (
-        "iptables-nft", "iptables-services", "jq", "tcpdump")
+        "iptables-nft", "iptables-services", "jq", "openmpi", "openssh-clients",
+        "python3-mpi4py-openmpi", "tcpdump")
     assert manifest.versions()["tcpdump"] == {"14:4.99.0-7.el9"}
     newer = master.but(x_repo_state=master.sections["x-repo-state"].replace(
         "candidate jq 0:1.6-16.el9", "candidate jq 0:1.6-17.el9"))
@@ -321,7 +327,7 @@ def test_worker_with_only_comments_in_sources_list_keeps_nothing_aside() -> None
 
 
 def test_converged_worker_refreshes_its_lists_when_the_masters_repository_changed() -> None:
-    worker = converged("debian12-worker")
+    worker = repo_converged("debian12-worker")
     assert plan(worker, "worker1", master=DEBIAN_MASTER).changes == ()
     changed_master = DEBIAN_MASTER.but(files={
         "/srv/homeclust-repo/debian/InRelease": "-----BEGIN PGP SIGNED MESSAGE-----\nnew\n"})
@@ -331,7 +337,7 @@ def test_converged_worker_refreshes_its_lists_when_the_masters_repository_change
 
 
 def test_a_new_cluster_key_reaches_the_workers() -> None:
-    worker = converged("debian12-worker")
+    worker = repo_converged("debian12-worker")
     rekeyed = DEBIAN_MASTER.but(files={render.PUBLIC_KEY: "-----BEGIN PGP PUBLIC KEY BLOCK---"
                                                           "--\n\nnew\n"})
     result = plan(worker, "worker1", master=rekeyed)
@@ -355,7 +361,7 @@ def test_worker_without_master_facts_or_of_another_release_is_refused() -> None:
         plan(DEBIAN_WORKER_FRESH, "worker1")
     with pytest.raises(StepError, match="runs centos7, but the master's repository holds "
                                         "rocky9 packages"):
-        plan(recorded("centos7-worker"), "worker2", master=converged("rocky9-master"))
+        plan(recorded("centos7-worker"), "worker2", master=repo_converged("rocky9-master"))
 
 
 def test_rhel_worker_gets_the_repo_with_vendor_and_epel_keys_and_its_repos_aside() -> None:
@@ -375,14 +381,14 @@ def test_rhel_worker_gets_the_repo_with_vendor_and_epel_keys_and_its_repos_aside
     assert aside.command == render.keep_aside_command(
         ["/etc/yum.repos.d/CentOS-Base.repo", "/etc/yum.repos.d/epel.repo"], "rhel")
     assert result.descriptions()[-1] == "read the master's repository (yum makecache)"
-    assert plan(converged("centos7-worker"), "worker2", master=master).changes == ()
+    assert plan(repo_converged("centos7-worker"), "worker2", master=master).changes == ()
 
 
 def test_rhel_worker_of_an_unknown_vendor_is_refused() -> None:
     release = recorded("rocky9-master").sections["os-release"].replace(
         'ID="rocky"', 'ID="navylinux"')
     worker = recorded("rocky9-master").but(os_release=release)
-    master = converged("rocky9-master").but(os_release=release)
+    master = repo_converged("rocky9-master").but(os_release=release)
     with pytest.raises(StepError, match="which key signs navylinux9's packages"):
         plan(worker, "worker1", master=master)
 
@@ -407,7 +413,7 @@ def test_posture_repository_only_on_the_private_side() -> None:
 
 
 def test_every_worker_probes_the_signature_and_the_master_does_not() -> None:
-    ctx = PlanContext(INV, INV.node("worker1"), converged("debian12-worker").facts())
+    ctx = PlanContext(INV, INV.node("worker1"), repo_converged("debian12-worker").facts())
     (probe,) = STEP.probes(ctx)
     assert "APT::Update::Error-Mode=any" in probe.script
     assert "Dir::State::Lists=\"$t/lists\"" in probe.script  # the worker's lists stay as they are
@@ -422,7 +428,7 @@ def test_every_worker_probes_the_signature_and_the_master_does_not() -> None:
     assert bad.status == "fail" and "is not signed" in bad.detail
     master_ctx = PlanContext(INV, INV.master_node, DEBIAN_MASTER.facts())
     assert STEP.probes(master_ctx) == []
-    rhel = PlanContext(INV, INV.node("worker2"), converged("centos7-worker").facts())
+    rhel = PlanContext(INV, INV.node("worker2"), repo_converged("centos7-worker").facts())
     (rhel_probe,) = STEP.probes(rhel)
     assert "yum -q --disablerepo='*' --enablerepo=homeclust" in rhel_probe.script
 
@@ -432,7 +438,7 @@ def test_the_fact_query_reads_every_file_the_step_writes_and_nothing_broad() -> 
     assert render.apt_list_path(INV) in query.paths
     assert query.packages >= {"nginx", "apt-utils", "gpg", "createrepo_c", "epel-release"}
     # The step-specific facts run everywhere, but act only where the manifest is.
-    assert query.extra and all_steps_query().extra
+    assert query.extra and repo_monitor_query().extra
     assert 'm=/var/lib/homeclust/repo/manifest\n[ -f "$m" ] || exit 0' in \
         render.REPO_STATE_COMMAND
 
@@ -443,6 +449,6 @@ def test_record_helper_keeps_the_secret_marker() -> None:
 
 def test_a_new_repository_is_built_on_fresh_lists_and_says_so_once() -> None:
     build = build_of(plan(recorded("debian12-master"), requested=frozenset({"repo"})))
-    assert build.description == ("build the workers' package repository: 4 packages and "
+    assert build.description == ("build the workers' package repository: 7 packages and "
                                  "their dependencies")
     assert "[ 1 = 1 ]" in build.command
