@@ -530,7 +530,7 @@ class Runner:
         before anything is changed anywhere.  A refusal (e.g. Torque asked for on a
         platform without Torque packages) fails that step and skips everything else:
         a cluster is never left half set up for something that cannot be done."""
-        refusals: list[str] = []
+        refused: dict[str, list[str]] = {}  # step -> hosts
         for node in self.nodes:
             if node.name in result.host_errors:
                 continue
@@ -540,11 +540,13 @@ class Runner:
                 except HomeclustError as exc:
                     self._record(result, StepOutcome(node.name, step.name, "failed",
                                                      error=str(exc)))
-                    refusals.append(f"{step.name} on {node.name}")
-        if not refusals:
+                    refused.setdefault(step.name, []).append(node.name)
+        if not refused:
             return True
         done = {(o.host, o.step) for o in result.outcomes}
-        why = f"not attempted: {', '.join(refusals)} cannot be done (nothing was changed)"
+        what = "; ".join(f"{step} cannot be done on {_some(hosts)}"
+                         for step, hosts in refused.items())
+        why = f"not attempted: {what} (nothing was changed)"
         for node in self.nodes:
             if node.name in result.host_errors:
                 continue
@@ -720,6 +722,13 @@ class Runner:
         """Read the facts again and re-plan: what is left is what did not converge."""
         self.gather(host)
         return self._plan_step(step, node).descriptions()
+
+
+def _some(names: Sequence[str]) -> str:
+    """``a, b, c`` -- or ``a, b and 7 more`` (one line, however big the cluster)."""
+    if len(names) <= 3:
+        return ", ".join(names)
+    return f"{', '.join(names[:2])} and {len(names) - 2} more"
 
 
 def describe_transaction(txn: Transaction) -> str:

@@ -300,6 +300,11 @@ class SlurmStep(Step):
                 node.name, "slurm job", "warn",
                 "no [[users]] in the inventory: no test job submitted",
                 "add a cluster user ([[users]] name = ...) so check can run a job as it"))
+        elif node.is_master and _unavailable(ctx):
+            items.append(CheckItem(
+                node.name, "slurm job", "fail",
+                "not submitted: not every compute node is available ("
+                + ", ".join(_unavailable(ctx)) + ")", "see the slurm node checks"))
         if not node.compute:
             return items
         fix = f"homeclust up --only slurm --host {node.name}"
@@ -319,7 +324,7 @@ class SlurmStep(Step):
 
     def probes(self, ctx: PlanContext) -> list[Probe]:
         user = cluster_user(ctx.inventory)
-        if not ctx.node.is_master or user is None:
+        if not ctx.node.is_master or user is None or _unavailable(ctx):
             return []
         nodes = [n.name for n in compute_nodes(ctx.inventory)]
         if not nodes:
@@ -327,10 +332,18 @@ class SlurmStep(Step):
         return [job_probe(ctx.node, user.name, nodes)]
 
 
+def _unavailable(ctx: PlanContext) -> list[str]:
+    """Compute nodes the controller (as the master sees it) does not show ready for a job:
+    a test job would only wait for them."""
+    states = ctx.facts.get(SLURM_NODES)
+    return [node.name for node in compute_nodes(ctx.inventory)
+            if node.name not in states or not states[node.name].healthy]
+
+
 def job_probe(master: Node, user: str, nodes: list[str]) -> Probe:
     """A one-line job as ``user``: one task on every compute node, each prints its name."""
     node_list = ",".join(nodes)
-    job = (f"srun --immediate=60 --chdir=/tmp --job-name=homeclust-check --time=2 "
+    job = (f"srun --immediate=20 --chdir=/tmp --job-name=homeclust-check --time=2 "
            f"--nodes={len(nodes)} --ntasks-per-node=1 --nodelist={node_list} hostname")
     script = f"cd /tmp && timeout 120 runuser -u {shlex.quote(user)} -- {job}"
 

@@ -248,6 +248,11 @@ class TorqueStep(Step):
                 node.name, "torque job", "warn",
                 "no [[users]] in the inventory: no test job submitted",
                 "add a cluster user ([[users]] name = ...) so check can run a job as it"))
+        elif node.is_master and _unavailable(ctx):
+            items.append(CheckItem(
+                node.name, "torque job", "fail",
+                "not submitted: not every compute node is free ("
+                + ", ".join(_unavailable(ctx)) + ")", "see the torque node checks"))
         if not node.compute:
             return items
         state = ctx.facts.get(TORQUE_NODES).get(node.name)
@@ -255,7 +260,7 @@ class TorqueStep(Step):
         if state is None:
             items.append(CheckItem(node.name, "torque node", "fail",
                                    "pbs_server does not list this node (or did not answer)", fix))
-        elif {s.strip() for s in state.split(",")} <= HEALTHY:
+        elif _healthy(state):
             items.append(CheckItem(node.name, "torque node", "pass", state))
         else:
             items.append(CheckItem(node.name, "torque node", "fail", state, fix))
@@ -263,10 +268,21 @@ class TorqueStep(Step):
 
     def probes(self, ctx: PlanContext) -> list[Probe]:
         user = cluster_user(ctx.inventory)
-        if not ctx.node.is_master or user is None:
+        if not ctx.node.is_master or user is None or _unavailable(ctx):
             return []
         nodes = [n.name for n in compute_nodes(ctx.inventory)]
         return [job_probe(ctx.node, user.name, nodes)] if nodes else []
+
+
+def _healthy(state: str) -> bool:
+    return {s.strip() for s in state.split(",")} <= HEALTHY
+
+
+def _unavailable(ctx: PlanContext) -> list[str]:
+    """Compute nodes pbs_server (as the master sees it) does not show free or busy."""
+    states = ctx.facts.get(TORQUE_NODES)
+    return [node.name for node in compute_nodes(ctx.inventory)
+            if node.name not in states or not _healthy(states[node.name])]
 
 
 def job_probe(master: Node, user: str, nodes: list[str]) -> Probe:

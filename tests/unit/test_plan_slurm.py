@@ -365,3 +365,13 @@ def test_worker_packages_for_the_repo_step() -> None:
     assert STEP.worker_packages(INV_SLURM, "debian") == ("munge", "slurm-client", "slurmd")
     assert STEP.worker_packages(INV_SLURM, "rhel") == (
         "epel-release", "munge", "slurm", "slurm-slurmd")
+
+
+def test_no_job_is_submitted_while_a_node_is_unavailable_check_says_why() -> None:
+    inv = inventory(scheduler={"kind": "slurm"}, users=[{"name": "hpc"}])
+    master = facts(after("debian12-master", "slurm").but(x_slurm_nodes=(
+        "master|idle|Unknown|none\nworker1|drained|root|broken fan\nworker2|idle|Unknown|none\n")))
+    ctx = PlanContext(inv, inv.node("master"), master, {"master": master})
+    assert STEP.probes(ctx) == []  # srun would only wait for worker1
+    [job] = [i for i in STEP.posture(ctx) if i.name == "slurm job"]
+    assert job.status == "fail" and "(worker1)" in job.detail

@@ -225,3 +225,13 @@ def test_worker_packages_for_the_repo_step() -> None:
     assert STEP.worker_packages(INV_TORQUE, "rhel") == (
         "epel-release", "munge", "torque-client", "torque-mom")
     assert STEP.worker_packages(INV_TORQUE, "debian") == ()
+
+
+def test_no_job_is_submitted_while_a_node_is_down() -> None:
+    inv = inventory(users=[{"name": "hpc"}])
+    text = "master\n     state = free\nworker1\n     state = down\nworker2\n     state = free\n"
+    master = facts(after("rocky9-master", "torque").but(x_torque_nodes=text))
+    ctx = PlanContext(inv, inv.node("master"), master, {})
+    assert STEP.probes(ctx) == []
+    [job] = [i for i in STEP.posture(ctx) if i.name == "torque job"]
+    assert job.status == "fail" and "(worker1)" in job.detail
