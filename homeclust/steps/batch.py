@@ -94,10 +94,16 @@ def compute_nodes(inventory: Inventory) -> tuple[Node, ...]:
 
 
 def slots_of(node: Node, size: NodeSize | None) -> int | None:
-    """Job slots of a compute node: the inventory's ``slots`` when given, else its CPUs."""
+    """Job slots of a compute node: the inventory's ``slots`` when given, else its CPUs
+    (None: not given, and the node's size is not known in this run)."""
     if node.slots_given:
         return node.slots
     return size.cpus if size is not None else None
+
+
+def slots_on(node: Node, size: NodeSize) -> int:
+    """:func:`slots_of` a node whose size is known."""
+    return node.slots if node.slots_given else size.cpus
 
 
 def is_container(virtualization: str) -> bool:

@@ -52,7 +52,7 @@ from homeclust.steps.batch import (
     munge_changes,
     package_changes,
     size_of,
-    slots_of,
+    slots_on,
     worker_packages,
 )
 
@@ -168,8 +168,7 @@ def desired_config(ctx: PlanContext) -> tuple[SlurmConfig, list[str]]:
             nodes.append(SlurmNode(node.name, node.private_address, before.cpus,
                                    before.real_memory))
             continue
-        cpus = slots_of(node, size)
-        assert cpus is not None
+        cpus = slots_on(node, size)
         if cpus > size.cpus:
             oversubscribed.append(node.name)
         if is_container(facts.virtualization):
