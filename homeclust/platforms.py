@@ -160,6 +160,12 @@ _SCHEDULER_PACKAGES: dict[tuple[Family, SchedulerKind],
 }
 
 
+def all_scheduler_packages() -> frozenset[str]:
+    """Every package a scheduler step may install on any family (what facts ask about)."""
+    names = {p for groups in _SCHEDULER_PACKAGES.values() for group in groups for p in group}
+    return frozenset(names | set(scheduler_repo_packages("rhel")))
+
+
 def scheduler_repo_packages(family: Family) -> tuple[str, ...]:
     """See :attr:`Platform.scheduler_repo_packages`."""
     return ("epel-release",) if family == "rhel" else ()

@@ -29,18 +29,19 @@ from dataclasses import dataclass
 from homeclust.changes import Change, CommandChange, FileChange, PackagesChange, ServiceChange
 from homeclust.facts import Fact, HostFacts
 from homeclust.inventory import Inventory, Node, UserSpec
-from homeclust.platforms import SchedulerKind, scheduler_packages, scheduler_repo_packages
+from homeclust.platforms import (
+    SchedulerKind,
+    all_scheduler_packages,
+    scheduler_packages,
+    scheduler_repo_packages,
+)
 from homeclust.steps.base import PlanContext, file_change, missing_packages
 
 MUNGE_KEY = "/etc/munge/munge.key"
 MUNGE_UNIT = "munge.service"
 
 #: Every package either scheduler may install on either family (facts ask exactly these).
-SCHEDULER_PACKAGE_NAMES = frozenset({
-    "epel-release", "munge",
-    "slurmctld", "slurmd", "slurm-client", "slurm", "slurm-slurmctld", "slurm-slurmd",
-    "torque-server", "torque-scheduler", "torque-mom", "torque-client",
-})
+SCHEDULER_PACKAGE_NAMES = all_scheduler_packages()
 
 #: systemd-detect-virt's container names: cgroups there are the host's, usually read-only.
 CONTAINERS = frozenset({

@@ -344,7 +344,7 @@ def job_probe(master: Node, user: str, nodes: list[str]) -> Probe:
     node_list = ",".join(nodes)
     job = (f"srun --immediate=20 --chdir=/tmp --job-name=homeclust-check --time=2 "
            f"--nodes={len(nodes)} --ntasks-per-node=1 --nodelist={node_list} hostname")
-    script = f"cd /tmp && timeout 120 runuser -u {shlex.quote(user)} -- {job}"
+    script = f"cd /tmp && timeout 120 runuser -u {shlex.quote(user)} -- {job} 2>&1"
 
     def evaluate(code: int, output: str) -> CheckItem:
         ran = sorted({line.strip() for line in output.splitlines() if line.strip() in nodes})

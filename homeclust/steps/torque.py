@@ -147,6 +147,20 @@ def nodes_file(ctx: PlanContext) -> tuple[list[tuple[str, int]], list[str]]:
     return nodes, warnings
 
 
+def qmgr_script(commands: list[str]) -> str:
+    """Wait for pbs_server to answer, then send ``commands`` one by one (stop at the first
+    failure).  ``create queue`` of a queue that exists is no failure: a run interrupted
+    half-way, or a queue someone created by hand, must not block the rest."""
+    steps = [_WAIT_SERVER]
+    for command in commands:
+        if command.startswith("create queue "):
+            listed = shlex.quote("list queue " + command.split()[2])
+            steps.append(f"{{ qmgr -c {shlex.quote(command)} || qmgr -c {listed} >/dev/null; }}")
+        else:
+            steps.append(f"qmgr -c {shlex.quote(command)}")
+    return " && ".join(steps)
+
+
 class TorqueStep(Step):
     name = "torque"
     summary = "Torque/PBS: pbs_server and pbs_sched on the master, pbs_mom on compute nodes"
@@ -231,13 +245,8 @@ class TorqueStep(Step):
             return changes
         missing = wanted if state.config is None else missing_setup(wanted, state.config)
         if missing:
-            commands = [f"{_WAIT_SERVER}"] + [
-                # "create queue" fails if it exists (e.g. only half set up before).
-                f"{{ qmgr -c {shlex.quote(c)} || qmgr -c {shlex.quote('list queue ' + c.split()[2])}"
-                " >/dev/null; }" if c.startswith("create queue ") else f"qmgr -c {shlex.quote(c)}"
-                for c in missing]
-            changes.append(CommandChange(
-                "configure pbs_server: " + "; ".join(missing), " && ".join(commands)))
+            changes.append(CommandChange("configure pbs_server: " + "; ".join(missing),
+                                         qmgr_script(missing)))
         return changes
 
     def posture(self, ctx: PlanContext) -> list[CheckItem]:
@@ -293,7 +302,7 @@ def job_probe(master: Node, user: str, nodes: list[str]) -> Probe:
     submit = (f"echo 'pbsdsh -u hostname' | qsub -W block=true -N homeclust-check -j oe "
               f"-o {out} -l nodes={len(nodes)}:ppn=1,walltime=00:02:00")
     script = (f"cd /tmp && rm -f {out} && timeout 150 runuser -u {shlex.quote(user)} -- sh -c "
-              f"{shlex.quote(submit)}; rc=$?; cat {out} 2>/dev/null; rm -f {out}; exit $rc")
+              f"{shlex.quote(submit)} 2>&1; rc=$?; cat {out} 2>/dev/null; rm -f {out}; exit $rc")
 
     def evaluate(code: int, output: str) -> CheckItem:
         ran = sorted({line.strip() for line in output.splitlines() if line.strip() in nodes})
