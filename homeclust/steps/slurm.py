@@ -280,16 +280,8 @@ class SlurmStep(Step):
         state = ctx.facts.get(SLURM_NODES).get(ctx.node.name)
         if state is None or not state.resumable:
             return []
-        name = shlex.quote(ctx.node.name)
-        # Once slurmd runs with the current slurm.conf; succeeds if the node is in
-        # service afterwards (ReturnToService may have beaten us to it).
-        command = (
-            f"scontrol update nodename={name} state=resume >/dev/null 2>&1; "
-            f"s=$(sinfo --noheader --Node --nodes={name} --format=%T | head -n 1); "
-            "case \"$s\" in down*|drain*|fail*) "
-            f"echo \"{ctx.node.name} is still $s\"; false;; esac")
         return [CommandChange(f"resume {ctx.node.name} in Slurm (now {state.describe()})",
-                              command)]
+                              resume_script(ctx.node.name))]
 
     def posture(self, ctx: PlanContext) -> list[CheckItem]:
         node = ctx.node
@@ -329,6 +321,23 @@ class SlurmStep(Step):
         if not nodes:
             return []
         return [job_probe(ctx.node, user.name, nodes)]
+
+
+def resume_script(node: str) -> str:
+    """Resume ``node`` once its slurmd runs with the current slurm.conf, and restart that
+    slurmd so it registers at once: a resumed node stays "not responding" (``idle*``)
+    until the controller's next ping otherwise, up to minutes.  (slurmd's unit kills only
+    the daemon: running job steps go on.)  Succeeds when the node is in service within
+    15 s."""
+    name = shlex.quote(node)
+    return (
+        f"scontrol update nodename={name} state=resume >/dev/null 2>&1; "
+        "systemctl restart slurmd.service && ok=no && i=0 && "
+        "while [ $i -lt 15 ]; do "
+        f"s=$(sinfo --noheader --Node --nodes={name} --format=%T | head -n 1); "
+        "case \"$s\" in ''|*'*'*|down*|drain*|fail*) ;; *) ok=yes; break;; esac; "
+        "i=$((i+1)); sleep 1; done && "
+        f"{{ [ $ok = yes ] || {{ echo \"{node} is still ${{s:-unknown}}\"; false; }}; }}")
 
 
 def _unavailable(ctx: PlanContext) -> list[str]:

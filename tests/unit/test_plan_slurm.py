@@ -280,6 +280,8 @@ def test_a_node_slurm_downed_is_resumed_by_its_own_run() -> None:
     command = result.changes[0]
     assert isinstance(command, CommandChange)
     assert "scontrol update nodename=worker1 state=resume" in command.command
+    # ... and slurmd registers again at once, or the node stays "not responding" for minutes.
+    assert "systemctl restart slurmd.service" in command.command
 
 
 def test_a_node_an_administrator_drained_is_left_alone_and_check_says_so() -> None:
