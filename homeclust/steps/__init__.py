@@ -12,16 +12,18 @@ from homeclust.errors import UsageError
 from homeclust.inventory import Inventory
 from homeclust.steps.base import Step
 from homeclust.steps.firewall import FirewallStep
+from homeclust.steps.mpi import MpiStep
 from homeclust.steps.nat import NatStep
 from homeclust.steps.network import NetworkStep
 from homeclust.steps.slurm import SlurmStep
+from homeclust.steps.sshkeys import SshKeysStep
 from homeclust.steps.torque import TorqueStep
 
 #: Registry order is the documented order; dependencies must point backwards.
 #: ``torque`` and ``slurm`` exclude each other (``[scheduler] kind``, see Step.enabled).
 REGISTRY: dict[str, Step] = {
-    step.name: step for step in (NetworkStep(), FirewallStep(), NatStep(), TorqueStep(),
-                                 SlurmStep())
+    step.name: step for step in (NetworkStep(), FirewallStep(), NatStep(), SshKeysStep(),
+                                 MpiStep(), TorqueStep(), SlurmStep())
 }
 
 

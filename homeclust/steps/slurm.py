@@ -204,7 +204,7 @@ def desired_config(ctx: PlanContext) -> tuple[SlurmConfig, list[str]]:
 class SlurmStep(Step):
     name = "slurm"
     summary = "Slurm: munge, slurm.conf, slurmctld on the master, slurmd on compute nodes"
-    depends_on = ("network", "nat")
+    depends_on = ("network", "nat", "ssh-keys")
 
     def enabled(self, inventory: Inventory) -> bool:
         return inventory.scheduler.kind == "slurm"

@@ -1,11 +1,12 @@
 """The batch scheduler on the lab (Debian 12: Slurm; Torque is refused there).
 
 The tests run in file order on one lab, starting from pristine nodes: first
-the refused Torque (nothing may change), then a real `up` of a cluster of
-master, worker1 and worker2, what it achieved (jobs through Slurm as the
-cluster user), re-runs, reboots, recovery of drained nodes, and worker3
-joining.  Nodes are observed from inside (``sh``/``lab.exec``), not through
-homeclust: sinfo, srun as the user, the files themselves.
+the refused Torque (nothing may change), then a real `up` (every step: the
+ssh-keys step makes the cluster user ``hpc``) of a cluster of master, worker1
+and worker2, what it achieved (jobs through Slurm as the cluster user),
+re-runs, reboots, recovery of drained nodes, and worker3 joining.  Nodes are
+observed from inside (``sh``/``lab.exec``), not through homeclust: sinfo, srun
+as the user, the files themselves.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Any
 import pytest
 import tomli_w
 
-from homeclust.inventory import load_inventory
 from homeclust.lab import Lab
 from tests.lab.helpers import (
     failed_checks,
@@ -40,15 +40,10 @@ KEY = "/etc/munge/munge.key"
 
 
 @pytest.fixture(scope="module")
-def fresh(lab: Lab, lab_inventory_path: Path) -> Iterator[Lab]:
-    """Pristine nodes, each with the cluster user created by hand (uid/gid from the
-    inventory), as the ssh-keys step will do it."""
+def fresh(lab: Lab) -> Iterator[Lab]:
+    """Pristine nodes (as after installation) for this module."""
     for node in ALL:
         lab.reset(node)
-    user = load_inventory(lab_inventory_path).users[0]
-    for node in ALL:
-        sh(lab, node, f"getent group {user.name} >/dev/null || groupadd -g {user.gid} {user.name}"
-                      f" && useradd -m -u {user.uid} -g {user.gid} -s {user.shell} {user.name}")
     yield lab
 
 

@@ -175,7 +175,7 @@ def test_steps_follow_dependencies_not_typing_order() -> None:
     names = [s.name for s in resolve_steps(inventory, ["firewall,network", "nat"])]
     assert names == ["network", "firewall", "nat"]  # nat never forwards before the firewall
     assert [s.name for s in resolve_steps(inventory, None, ["nat"])] == [
-        "network", "firewall", "torque"]
+        "network", "firewall", "ssh-keys", "mpi", "torque"]
 
 
 def write(tmp_path: Path, text: str) -> Path:
