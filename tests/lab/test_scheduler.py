@@ -157,8 +157,10 @@ def test_after_rebooting_the_master_and_a_worker_check_passes_without_a_rerun(
 def test_slurm_drained_nodes_are_resumed_and_an_administrators_drain_is_kept(
         configured: Lab, three_nodes: Path) -> None:
     # What Slurm does by itself is signed by its user; an administrator's drain by root.
-    sh(configured, "master", "runuser -u slurm -- scontrol update nodename=worker2 state=down "
-                             "reason='Not responding'; scontrol update nodename=worker1 "
+    # (A DOWN node comes back by itself: ReturnToService=2 returns it as soon as its slurmd
+    # answers.  A DRAIN stays until someone resumes it.)
+    sh(configured, "master", "runuser -u slurm -- scontrol update nodename=worker2 state=drain "
+                             "reason='Kill task failed'; scontrol update nodename=worker1 "
                              "state=drain reason='broken fan'")
     try:
         code, data = homeclust_json(three_nodes, "up")
