@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Literal
 
+from homeclust.quoting import require_hostname
+
 Proctrack = Literal["proctrack/cgroup", "proctrack/linuxproc"]
 
 #: Slurm's partition; jobs go here unless they name another.
@@ -89,7 +91,7 @@ def render_slurm_conf(config: SlurmConfig) -> str:
         "# Managed by homeclust (slurm step): the same file on every node; edits are "
         "overwritten.",
         f"ClusterName={config.cluster_name}",
-        f"SlurmctldHost={config.controller}({config.controller_address})",
+        f"SlurmctldHost={require_hostname(config.controller)}({config.controller_address})",
         "SlurmUser=slurm",
         f"StateSaveLocation={config.state_dir}",
         f"SlurmdSpoolDir={config.spool_dir}",
@@ -113,8 +115,9 @@ def render_slurm_conf(config: SlurmConfig) -> str:
     lines.append("# Compute nodes: job slots as CPUs, RealMemory 97 % of MemTotal (MiB).")
     for node in config.nodes:
         memory = f" RealMemory={node.real_memory}" if node.real_memory is not None else ""
-        lines.append(f"NodeName={node.name} NodeAddr={node.address} CPUs={node.cpus}{memory} "
-                     "State=UNKNOWN")
+        # Names go unquoted into slurm.conf: only the host-name grammar may (defence in depth).
+        lines.append(f"NodeName={require_hostname(node.name)} NodeAddr={node.address} "
+                     f"CPUs={node.cpus}{memory} State=UNKNOWN")
     if config.nodes:
         # ALL: every NodeName above, i.e. every compute node (a line that does not grow).
         lines.append(f"PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE "

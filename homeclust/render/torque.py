@@ -25,6 +25,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from homeclust.quoting import require_hostname
+
 TORQUE_HOME = "/var/lib/torque"
 SERVER_NAME_PATH = "/etc/torque/server_name"
 MOM_CONFIG_PATH = "/etc/torque/mom/config"
@@ -36,24 +38,24 @@ QUEUE = "batch"
 
 
 def render_server_name(master: str) -> str:
-    return f"{master}\n"
+    return f"{require_hostname(master)}\n"
 
 
 def render_nodes(nodes: Sequence[tuple[str, int]]) -> str:
     """``server_priv/nodes``: ``NAME np=SLOTS`` per compute node."""
-    return "".join(f"{name} np={slots}\n" for name, slots in nodes)
+    return "".join(f"{require_hostname(name)} np={slots}\n" for name, slots in nodes)
 
 
 def render_mom_config(master: str) -> str:
     return ("# Managed by homeclust (torque step): the mom reports to the master.\n"
-            f"$pbsserver {master}\n")
+            f"$pbsserver {require_hostname(master)}\n")
 
 
 def server_setup(master: str) -> list[str]:
     """The qmgr commands that make a new pbs_server usable: root on the master may
     administer it, the scheduler runs, a started and enabled default execution
     queue takes jobs, users may submit from every node."""
-    admin = f"root@{master}"
+    admin = f"root@{require_hostname(master)}"
     return [
         f"set server managers += {admin}",
         f"set server operators += {admin}",

@@ -377,3 +377,24 @@ def test_no_job_is_submitted_while_a_node_is_unavailable_check_says_why() -> Non
     assert STEP.probes(ctx) == []  # srun would only wait for worker1
     [job] = [i for i in STEP.posture(ctx) if i.name == "slurm job"]
     assert job.status == "fail" and "(worker1)" in job.detail
+
+
+@pytest.mark.parametrize("name", ["worker1 Weight=0", "worker1\nNodeName=evil", "../etc"])
+def test_renderers_refuse_names_they_cannot_write(name: str) -> None:
+    """Names go unquoted into slurm.conf and Torque's files: the host-name grammar only,
+    even if the inventory's validation were bypassed."""
+    from ipaddress import IPv4Address
+
+    from homeclust.errors import HomeclustError
+    from homeclust.render.slurm import SlurmConfig, SlurmNode, render_slurm_conf
+    from homeclust.render.torque import render_mom_config, render_nodes
+
+    config = SlurmConfig("c", "master", IPv4Address("192.168.10.1"),
+                         (SlurmNode(name, IPv4Address("192.168.10.2"), 1, None),),
+                         "proctrack/cgroup", False, "/s", "/d", "/p1", "/p2")
+    with pytest.raises(HomeclustError):
+        render_slurm_conf(config)
+    with pytest.raises(HomeclustError):
+        render_nodes([(name, 1)])
+    with pytest.raises(HomeclustError):
+        render_mom_config(name)
