@@ -85,13 +85,19 @@ def test_np_comes_from_the_facts_when_slots_are_not_given() -> None:
 # --------------------------------------------------------------------------- sequences
 
 
-@pytest.mark.parametrize(("name", "node"), [("rocky9-master", "master"),
-                                            ("centos7-worker", "worker2")])
-def test_fresh_rhel_hosts_plan_the_whole_install_and_set_up(name: str, node: str) -> None:
-    hosts = cluster()
+@pytest.mark.parametrize(("name", "node", "golden"), [
+    ("rocky9-master", "master", "plan-rocky9-master.txt"),
+    ("centos7-worker", "worker2", "plan-centos7-worker.txt"),
+    # Each release in the other role: a CentOS 7 server (yum), a Rocky 9 mom (dnf).
+    ("centos7-worker", "master", "plan-centos7-as-master.txt"),
+    ("rocky9-master", "worker2", "plan-rocky9-as-worker.txt"),
+])
+def test_fresh_rhel_hosts_plan_the_whole_install_and_set_up(name: str, node: str,
+                                                            golden: str) -> None:
+    hosts = cluster(**{node: facts(fresh(name, "torque"))})
     if node != "master":
         hosts["master"] = facts(after("rocky9-master", "torque"))
-    check_golden(f"torque/plan-{name}.txt", listing(plan(node, hosts)))
+    check_golden(f"torque/{golden}", listing(plan(node, hosts)))
 
 
 def test_the_server_database_is_created_once_without_a_question() -> None:
