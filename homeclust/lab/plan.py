@@ -31,6 +31,8 @@ CACHE_ROOT = Path("/var/cache/homeclust-lab")
 
 INSTITUTE_BRIDGE = "br-inst"
 PRIVATE_BRIDGE = "br-priv"
+#: The internet host's port on the institute bridge (in the switch namespace).
+INTERNET_SWITCH_PORT = "inet0"
 WHOAMI_PORT = 8080
 APT_RELAY_PORT = 80
 
