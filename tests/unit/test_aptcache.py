@@ -169,6 +169,7 @@ class FakeArchive:
     """What the stand-in archive serves, and what it was asked."""
 
     files: dict[str, tuple[bytes, dict[str, str]]] = field(default_factory=dict)
+    generated: dict[str, int] = field(default_factory=dict)  # path -> size, made up on the fly
     mode: str = "ok"  # ok | 500 | cut | chunked | hang
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -199,6 +200,15 @@ def _archive_handler(archive: FakeArchive) -> type[BaseHTTPRequestHandler]:
                 self.send_response(503)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+                return
+            if self.path in archive.generated:
+                size = archive.generated[self.path]
+                self.send_response(200)
+                self.send_header("Content-Length", str(size))
+                self.end_headers()
+                piece = b"\x5a" * 65536
+                for start in range(0, size, len(piece)):
+                    self.wfile.write(piece[: size - start])
                 return
             found = archive.files.get(self.path)
             if found is None:
@@ -625,3 +635,46 @@ def test_the_uplink_delay_holds_back_each_answer(
 
 def test_the_socket_is_for_root_only(relay: Relay) -> None:
     assert relay.socket.stat().st_mode & 0o777 == 0o600
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_large_files_are_streamed_not_held_in_memory(
+    relay: Relay, archive: tuple[FakeArchive, tuple[str, int]]
+) -> None:
+    world, _ = archive
+    size = 100 * 1024 * 1024
+    world.generated[DEB] = size
+    peak = [_rss_bytes()]
+    baseline = peak[0]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        for expected in ("MISS", "HIT"):
+            conn = relay.connect()
+            conn.request("GET", DEB)
+            response = conn.getresponse()
+            assert response.getheader("X-Cache") == expected
+            received = 0
+            while chunk := response.read(1 << 20):
+                received += len(chunk)
+            conn.close()
+            assert received == size
+    finally:
+        done.set()
+        watcher.join()
+    # Relay, stand-in archive and client all run in this process: together they
+    # may hold a few buffers, never the 100 MB file.
+    assert peak[0] - baseline < 40 * 1024 * 1024, f"RSS grew by {(peak[0] - baseline) >> 20} MiB"
