@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 CHANGE_MARKER = "@@homeclust-change@@"
+#: The PATH every script homeclust sends runs with (sudo and login shells differ).
+HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class FileChange:
     owner: str = "root"
     group: str = "root"
     reason: str = ""
+    #: Secret content (keys, credentials): never shown in a diff nor written to a log.
+    secret: bool = False
 
     kind: Literal["file"] = field(default="file", init=False)
 
@@ -47,6 +51,11 @@ class FileChange:
         return f"{verb} {self.path}{extra}"
 
     def diff(self) -> str:
+        if self.secret:
+            what = ("will be removed" if self.content is None else
+                    "will be created" if self.old is None and not self.reason else
+                    f"differs{f' ({self.reason})' if self.reason else ''}")
+            return f"--- {self.path}\n+++ {self.path}\n# contents {what} (secret: not shown)\n"
         old = (self.old or "").splitlines(keepends=True)
         new = (self.content or "").splitlines(keepends=True)
         text = "".join(
@@ -108,8 +117,6 @@ class CommandChange:
     #: On failure, report this warning instead of failing the step (e.g. a sysctl
     #: that is read-only inside a container).
     warn_on_failure: str | None = None
-    #: Run after the batch, detached from the SSH session (it may cut the session).
-    detached: bool = False
     #: What the command changes, as a unified diff (e.g. live rules -> wanted rules).
     diff: str = ""
 
@@ -141,7 +148,7 @@ def diff_text(changes: Sequence[Change]) -> str:
 
 _PRELUDE = f"""\
 exec 2>&1
-export LC_ALL=C PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export LC_ALL=C PATH={HOST_PATH}
 hc_changed=" "
 hc_mark() {{ printf '\\n{CHANGE_MARKER} %s %s\\n' "$1" "$2"; }}
 hc_was_changed() {{
@@ -169,11 +176,16 @@ hc_absent() {{
 """
 
 
-def _file_shell(change: FileChange) -> str:
+#: What stands for a secret file's content in a script written to the run log.
+REDACTED_CONTENT = "SECRET-NOT-LOGGED"
+
+
+def _file_shell(change: FileChange, *, redact: bool = False) -> str:
     path = shlex.quote(change.path)
     if change.content is None:
         return f"hc_absent {path}"
-    encoded = base64.b64encode(change.content.encode()).decode()
+    encoded = (REDACTED_CONTENT if redact and change.secret
+               else base64.b64encode(change.content.encode()).decode())
     return (
         f"hc_file {path} {change.mode:o} {shlex.quote(change.owner)} "
         f"{shlex.quote(change.group)} {encoded}"
@@ -194,10 +206,13 @@ def _service_shell(change: ServiceChange) -> str:
     return " && ".join(parts) if parts else "true"
 
 
-def change_shell(change: Change) -> str:
-    """The shell command of one change (without markers or guards)."""
+def change_shell(change: Change, *, redact: bool = False) -> str:
+    """The shell command of one change (without markers or guards).
+
+    ``redact``: the form written to logs (secret file contents left out).
+    """
     if isinstance(change, FileChange):
-        return _file_shell(change)
+        return _file_shell(change, redact=redact)
     if isinstance(change, PackagesChange):
         if change.preseed:
             return f"{{ {change.preseed}; }} && {change.command}"
@@ -207,18 +222,18 @@ def change_shell(change: Change) -> str:
     return change.command
 
 
-def render_batch(changes: Sequence[Change], *, stop_on_failure: bool = True) -> str:
+def render_batch(changes: Sequence[Change], *, stop_on_failure: bool = True,
+                 redact: bool = False) -> str:
     """One POSIX shell script applying ``changes`` in order.
 
     Every change reports ``<index> changed|unchanged|skipped|warned|failed`` on
     a marker line.  The first failure stops the script with exit 1 (later
-    changes are not attempted: a step never half-applies silently).  Detached
-    commands are collected into ``$HC_DETACH`` (a file the caller provides)
-    instead of running inline.
+    changes are not attempted: a step never half-applies silently).
+    ``redact``: the form written to the run log (secret file contents left out).
     """
     lines = [_PRELUDE]
     for index, change in enumerate(changes):
-        body = change_shell(change)
+        body = change_shell(change, redact=redact)
         when = getattr(change, "when_changed", ())
         unless = getattr(change, "unless", None)
         conditions = []
@@ -237,15 +252,7 @@ def render_batch(changes: Sequence[Change], *, stop_on_failure: bool = True) -> 
             if isinstance(change, CommandChange) and change.warn_on_failure
             else f"hc_mark {index} failed" + ("; exit 1" if stop_on_failure else "")
         )
-        if isinstance(change, CommandChange) and change.detached:
-            # Without a writable $HC_DETACH the command would silently never run while
-            # being reported as changed.
-            action = (
-                f'if [ -n "${{HC_DETACH:-}}" ] && printf "%s\\n" {shlex.quote(body)} >> "$HC_DETACH"; '
-                f"then hc_mark {index} changed; else echo 'cannot queue a detached command: "
-                f"HC_DETACH is unset or not writable'; {on_fail}; fi\n"
-            )
-        elif isinstance(change, FileChange):
+        if isinstance(change, FileChange):
             action = (
                 f"{body}; rc=$?\n"
                 f"case $rc in 0) hc_mark {index} changed;; 2) hc_mark {index} unchanged;;"

@@ -8,6 +8,7 @@ found changes.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from typing import Any
 
@@ -168,8 +169,15 @@ def inventory_command(ctx: click.Context, as_json: bool) -> None:
 cli.add_command(lab)
 
 
+def _interrupt_on_signal(signum: int, frame: object) -> None:
+    # SIGTERM/SIGHUP take the same path as Ctrl-C: guarded changes roll back now.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: HomeclustError -> message + documented exit code."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt_on_signal)
     try:
         code = cli.main(args=argv, prog_name="homeclust", standalone_mode=False)
     except click.UsageError as exc:

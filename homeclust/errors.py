@@ -7,6 +7,7 @@ knowing where they came from:
 * :class:`UsageError`, :class:`InventoryError` -> exit 2 (nothing was contacted)
 * :class:`ConnectError`, :class:`FactError`, :class:`StepError`,
   :class:`ApplyError`, :class:`LabError` -> exit 1
+* :class:`Interrupted` (Ctrl-C, SIGTERM) -> exit 130
 """
 
 from __future__ import annotations
@@ -83,7 +84,20 @@ class ApplyError(HomeclustError):
 
 
 class RolledBackError(ApplyError):
-    """A guarded change could not be confirmed and the host restored its old state."""
+    """A guarded change could not be confirmed and the host restored its old state
+    (checked: a fresh plan shows the same changes as before the attempt)."""
+
+
+class Interrupted(HomeclustError):
+    """The run was interrupted (Ctrl-C, SIGTERM); guarded changes were rolled back."""
+
+    exit_code = 130
+
+    def __init__(self, message: str, *, hint: str | None = None, rolled_back: bool = False
+                 ) -> None:
+        super().__init__(message, hint=hint)
+        #: True when a guarded change in flight was rolled back (checked) because of it.
+        self.rolled_back = rolled_back
 
 
 class LockError(HomeclustError):

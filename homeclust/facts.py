@@ -5,6 +5,12 @@ commands of every section into one POSIX shell script whose output is a series
 of sections, each starting with a marker line; :func:`parse_facts` splits the
 output and hands every section to its parser.  Parsers never do I/O, so they
 are unit-tested from captured outputs of both platform families.
+
+Facts cost what homeclust manages, not what the host has: a :class:`FactQuery`
+(the union of what the run's steps declare) names the files, units,
+packages and sysctls to report, whether the netfilter tables are needed, and
+any step-specific :class:`Fact`.  A host with thousands of packages and unit
+files answers as fast, and with as few bytes, as a minimal one.
 """
 
 from __future__ import annotations
@@ -12,21 +18,90 @@ from __future__ import annotations
 import base64
 import re
 import shlex
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, ip_address
-from typing import TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from homeclust.errors import FactError
 
 MARKER = "@@homeclust-fact@@"
 
-#: Sysctls every step may look at; the facts script reports value and writability.
-SYSCTL_KEYS: tuple[str, ...] = (
-    "net.ipv4.ip_forward",
-    "net.netfilter.nf_conntrack_max",
-    "net.netfilter.nf_conntrack_tcp_timeout_established",
-)
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Fact(Generic[_T]):
+    """A step-specific fact: a read-only POSIX shell command and a pure parser of its output.
+
+    ``name`` names the section (``x-NAME`` in the output) and the parsed value
+    (:meth:`HostFacts.get`).  The command runs as root inside the facts script;
+    it must never change anything and must not depend on the caller's shell.
+    """
+
+    name: str
+    command: str
+    parse: Callable[[str], _T] = field(compare=False)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]*", self.name):
+            raise ValueError(f"fact names are lower-case words: {self.name!r}")
+
+
+_PACKAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._-]*$")
+_UNIT_NAME_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|timer|target|path|mount)$")
+_SYSCTL_RE = re.compile(r"^[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+$")
+
+
+@dataclass(frozen=True)
+class FactQuery:
+    """What one run needs to know about each host (the union of its steps' needs).
+
+    ``paths`` are absolute paths or shell globs whose metadata and content are
+    reported; contents of ``secret_paths`` (globs) are needed for planning but
+    are never written to logs nor shown in diffs.  ``units`` are full unit
+    names (``nginx.service``).
+    """
+
+    paths: frozenset[str] = frozenset()
+    secret_paths: frozenset[str] = frozenset()
+    units: frozenset[str] = frozenset()
+    packages: frozenset[str] = frozenset()
+    sysctls: frozenset[str] = frozenset()
+    netfilter: bool = False
+    extra: tuple[Fact[Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        for path in self.paths | self.secret_paths:
+            _glob_word(path)
+        for unit in self.units:
+            if not _UNIT_NAME_RE.match(unit):
+                raise ValueError(f"fact units are full unit names: {unit!r}")
+        for package in self.packages:
+            if not _PACKAGE_NAME_RE.match(package):
+                raise ValueError(f"not a package name: {package!r}")
+        for key in self.sysctls:
+            if not _SYSCTL_RE.match(key):
+                raise ValueError(f"not a sysctl key: {key!r}")
+        names = [fact.name for fact in self.extra]
+        if len(names) != len(set(names)):
+            raise ValueError(f"two different facts share a name: {sorted(names)}")
+
+    def __or__(self, other: FactQuery) -> FactQuery:
+        extra = {fact.name: fact for fact in self.extra}
+        for fact in other.extra:
+            if fact.name in extra and extra[fact.name] != fact:
+                raise ValueError(f"two different facts are named {fact.name!r}")
+            extra.setdefault(fact.name, fact)
+        return FactQuery(
+            paths=self.paths | other.paths,
+            secret_paths=self.secret_paths | other.secret_paths,
+            units=self.units | other.units,
+            packages=self.packages | other.packages,
+            sysctls=self.sysctls | other.sysctls,
+            netfilter=self.netfilter or other.netfilter,
+            extra=tuple(extra[name] for name in sorted(extra)),
+        )
 
 #: Commands whose presence steps and the runner care about.
 COMMANDS: tuple[str, ...] = (
@@ -92,6 +167,7 @@ class FileFact:
     group: str
     sha256: str
     content: bytes | None  # None when the file is larger than MAX_FILE_CONTENT
+    secret: bool = False  # never logged, never shown in a diff
 
     @property
     def text(self) -> str | None:
@@ -100,8 +176,23 @@ class FileFact:
 
 @dataclass(frozen=True)
 class ServiceState:
-    enabled: str  # enabled, disabled, static, masked, … or "" when unknown
+    enabled: str  # enabled, disabled, static, masked, … or "" when unknown / not installed
     active: bool
+    loaded: bool = True  # False: no such unit on this host
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """A guarded change found on a host (see homeclust.safety), by its state files."""
+
+    id: str
+    state: str  # armed, applying, confirmed, rolling-back, rolledback, rollback-failed, …
+    deadline: int | None  # when the host's own rollback fires (epoch seconds), if armed
+    now: int  # the host's clock when the facts were read
+
+    @property
+    def seconds_left(self) -> int | None:
+        return None if self.deadline is None else self.deadline - self.now
 
 
 @dataclass(frozen=True)
@@ -131,7 +222,14 @@ class HostFacts:
     files: Mapping[str, FileFact]  # only files that exist
     commands: frozenset[str]
     ssh_peer: SshPeer | None
-    pending_transactions: tuple[str, ...] = ()
+    transactions: tuple[Transaction, ...] = ()
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+    def get(self, fact: Fact[_T]) -> _T:
+        """The parsed value of a step-specific fact (FactError when it was not asked for)."""
+        if fact.name not in self.extra:
+            raise FactError(f"fact {fact.name!r} was not gathered (missing from the fact query)")
+        return cast(_T, self.extra[fact.name])
 
     def file_text(self, path: str) -> str | None:
         fact = self.files.get(path)
@@ -158,6 +256,10 @@ class HostFacts:
         state = self.services.get(_unit(unit))
         return state is not None and state.enabled in ("enabled", "enabled-runtime", "alias")
 
+    def service_exists(self, unit: str) -> bool:
+        state = self.services.get(_unit(unit))
+        return state is not None and state.loaded
+
     def service_active(self, unit: str) -> bool:
         state = self.services.get(_unit(unit))
         return state is not None and state.active
@@ -170,21 +272,37 @@ def _unit(name: str) -> str:
 # --------------------------------------------------------------------------- script
 
 
-def gather_script(paths: Iterable[str]) -> str:
-    """The one shell script that reports every fact section.
+#: Shell function: the state of the guarded transaction in directory ``$1``, from its
+#: state files (see homeclust.safety; the order of the tests is the precedence).
+TXN_STATE_SH = """\
+hc_txn_state() {
+  if [ -e "$1/rollback-failed" ]; then echo rollback-failed
+  elif [ -e "$1/rolledback" ]; then echo rolledback
+  elif [ -e "$1/rolling-back" ]; then echo rolling-back
+  elif [ -e "$1/confirmed" ]; then echo confirmed
+  elif [ -e "$1/armed" ] && [ -e "$1/apply.status" ] && [ "$(cat "$1/apply.status")" != 0 ]; then
+    echo apply-failed
+  elif [ -e "$1/armed" ] && [ -e "$1/apply.status" ]; then echo armed
+  elif [ -e "$1/armed" ]; then echo applying
+  else echo preparing
+  fi
+}
+"""
 
-    ``paths`` are absolute file paths or shell globs (``/etc/netplan/*.yaml``)
-    whose metadata and content are reported.  The script is POSIX sh, runs as
-    root (through sudo when needed) and never changes anything.  ``$1`` is the
-    caller's ``$SSH_CONNECTION`` (sudo would strip it from the environment).
+
+def gather_script(query: FactQuery) -> str:
+    """The one shell script that reports every fact section ``query`` asks for.
+
+    The script is POSIX sh, runs as root (through sudo when needed) and never
+    changes anything.  ``$1`` is the caller's ``$SSH_CONNECTION`` (sudo would
+    strip it from the environment).  Sections the query does not need are not
+    run at all: nothing here scales with what the host has installed.
     """
-    path_words = " ".join(_glob_word(p) for p in sorted(set(paths)))
-    sysctl_words = " ".join(shlex.quote(k) for k in SYSCTL_KEYS)
     command_words = " ".join(shlex.quote(c) for c in COMMANDS)
-    return f"""\
+    parts = [f"""\
 export LC_ALL=C PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 sec() {{ printf '\\n{MARKER} %s\\n' "$1"; }}
-sec os-release; cat /etc/os-release 2>/dev/null
+{TXN_STATE_SH}sec os-release; cat /etc/os-release 2>/dev/null
 sec hostname; hostname 2>/dev/null || cat /proc/sys/kernel/hostname
 sec virt; systemd-detect-virt 2>/dev/null || true
 sec ssh-connection; printf '%s\\n' "${{1:-}}"
@@ -193,11 +311,28 @@ sec addresses; ip -o -4 addr show 2>/dev/null
 sec addresses6; ip -o -6 addr show 2>/dev/null
 sec ipv6; [ -e /proc/net/if_inet6 ] && echo yes || echo no
 sec routes; ip -4 route show table main 2>/dev/null
+sec commands
+for c in {command_words}; do command -v "$c" >/dev/null 2>&1 && printf '%s\\n' "$c"; done
+sec transactions
+now=$(date +%s)
+for t in {TXN_DIR}/*/; do
+  [ -d "$t" ] || continue
+  t=${{t%/}}
+  printf '%s\\t%s\\t%s\\t%s\\n' "${{t##*/}}" "$(hc_txn_state "$t")" \\
+    "$(cat "$t/deadline" 2>/dev/null)" "$now"
+done
+"""]
+    if query.netfilter:
+        parts.append("""\
 sec iptables-version; iptables --version 2>/dev/null
 sec iptables-save; iptables-save 2>/dev/null
 sec ip6tables-save; ip6tables-save 2>/dev/null
+""")
+    if query.sysctls:
+        words = " ".join(sorted(query.sysctls))
+        parts.append(f"""\
 sec sysctl
-for key in {sysctl_words}; do
+for key in {words}; do
   f=/proc/sys/$(printf '%s' "$key" | tr . /)
   if [ -e "$f" ]; then
     if [ -w "$f" ]; then w=rw; else w=ro; fi
@@ -206,31 +341,57 @@ for key in {sysctl_words}; do
     printf '%s\\tabsent\\t\\n' "$key"
   fi
 done
+""")
+    if query.packages:
+        words = " ".join(sorted(query.packages))
+        # Only the packages asked for: dpkg/rpm say nothing (or "not installed") for the rest.
+        parts.append(f"""\
 sec packages
 if command -v dpkg-query >/dev/null 2>&1; then
-  dpkg-query -W -f='${{db:Status-Abbrev}}\\t${{Package}}\\t${{Version}}\\n' 2>/dev/null
+  dpkg-query -W -f='${{db:Status-Abbrev}}\\t${{Package}}\\t${{Version}}\\n' -- {words} 2>/dev/null
 elif command -v rpm >/dev/null 2>&1; then
-  rpm -qa --qf 'ii \\t%{{NAME}}\\t%{{VERSION}}-%{{RELEASE}}\\n' 2>/dev/null
+  rpm -q --qf 'ii \\t%{{NAME}}\\t%{{VERSION}}-%{{RELEASE}}\\n' -- {words} 2>/dev/null
 fi
-sec unit-files; systemctl list-unit-files --no-legend --no-pager 2>/dev/null
-sec active-units
-systemctl list-units --type=service,timer,socket --state=active --no-legend --no-pager --plain \\
+""")
+    if query.units:
+        words = " ".join(sorted(query.units))
+        parts.append(f"""\
+sec units
+systemctl show --no-pager -p Names -p LoadState -p UnitFileState -p ActiveState -- {words} \\
   2>/dev/null
-sec commands
-for c in {command_words}; do command -v "$c" >/dev/null 2>&1 && printf '%s\\n' "$c"; done
-sec transactions; ls -1 {TXN_DIR} 2>/dev/null
+""")
+    if query.paths or query.secret_paths:
+        words = " ".join(sorted(query.paths | query.secret_paths))
+        secret = "|".join(sorted(query.secret_paths)) or "/nonexistent/homeclust-no-secrets"
+        # One stat and one sha256sum for all files; only the contents cost a process each.
+        parts.append(f"""\
 sec files
-for f in {path_words}; do
+set --
+for f in {words}; do
   [ -f "$f" ] || continue
-  size=$(wc -c < "$f")
-  # stat -c does not expand backslash escapes (only --printf does): tabs come from tr.
-  printf 'F\\t%s\\t%s\\t%s\\n' "$f" "$(stat -c '%a %U %G' "$f" | tr ' ' '\\t')" \\
-    "$(sha256sum < "$f" | cut -c1-64)"
-  if [ "$size" -le {MAX_FILE_CONTENT} ]; then base64 < "$f" | tr -d '\\n'; else printf -- -; fi
-  printf '\\n'
+  case "$f" in *[!A-Za-z0-9/._@+-]*) continue;; esac
+  set -- "$@" "$f"
 done
-sec end
-"""
+if [ $# -gt 0 ]; then
+  # Both print in argument order: the n-th checksum belongs to the n-th stat line.
+  sums=$(sha256sum -- "$@" | cut -c1-64)
+  tab=$(printf '\\t')
+  stat --printf '%n\\t%a\\t%U\\t%G\\t%s\\n' -- "$@" | {{
+    set -- $sums
+    while IFS="$tab" read -r f mode owner group size; do
+      sum=${{1:-}}; [ $# -gt 0 ] && shift
+      case "$f" in {secret}) kind=S;; *) kind=F;; esac
+      printf '%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n' "$kind" "$f" "$mode" "$owner" "$group" "$sum"
+      if [ "$size" -le {MAX_FILE_CONTENT} ]; then base64 < "$f" | tr -d '\\n'; else printf -- -; fi
+      printf '\\n'
+    done
+  }}
+fi
+""")
+    for fact in query.extra:
+        parts.append(f"sec x-{fact.name}\n(\n{fact.command}\n) 2>/dev/null\n")
+    parts.append("sec end\n")
+    return "".join(parts)
 
 
 _SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9/._*?\[\]-]*$")
@@ -263,8 +424,12 @@ def split_sections(output: str) -> dict[str, str]:
     return sections
 
 
-def parse_facts(output: str) -> HostFacts:
-    """Turn the output of :func:`gather_script` into :class:`HostFacts`."""
+def parse_facts(output: str, query: FactQuery | None = None) -> HostFacts:
+    """Turn the output of :func:`gather_script` into :class:`HostFacts`.
+
+    ``query`` is the one the script was made from: its step-specific facts are
+    parsed by their own parsers (an error there names the fact).
+    """
     sections = split_sections(output)
     if "end" not in sections:
         raise FactError("facts output is incomplete (the script did not finish)")
@@ -290,12 +455,23 @@ def parse_facts(output: str) -> HostFacts:
         ipv6=sections.get("ipv6", "").strip() == "yes",
         sysctls=parse_sysctls(sections.get("sysctl", "")),
         packages=parse_packages(sections.get("packages", "")),
-        services=parse_services(sections.get("unit-files", ""), sections.get("active-units", "")),
+        services=parse_units(sections.get("units", "")),
         files=parse_files(sections.get("files", "")),
         commands=frozenset(sections.get("commands", "").split()),
         ssh_peer=parse_ssh_connection(sections.get("ssh-connection", "")),
-        pending_transactions=tuple(sections.get("transactions", "").split()),
+        transactions=parse_transactions(sections.get("transactions", "")),
+        extra=_parse_extra(sections, query.extra if query else ()),
     )
+
+
+def _parse_extra(sections: Mapping[str, str], facts: Iterable[Fact[Any]]) -> dict[str, object]:
+    values: dict[str, object] = {}
+    for fact in facts:
+        try:
+            values[fact.name] = fact.parse(sections.get(f"x-{fact.name}", ""))
+        except (ValueError, KeyError, IndexError) as exc:
+            raise FactError(f"cannot parse fact {fact.name!r}: {exc}") from None
+    return values
 
 
 def parse_os_release(text: str) -> OsRelease:
@@ -475,23 +651,41 @@ def parse_packages(text: str) -> dict[str, str]:
     return packages
 
 
-def parse_services(unit_files: str, active_units: str) -> dict[str, ServiceState]:
-    enabled: dict[str, str] = {}
-    for line in unit_files.splitlines():
-        words = line.split()
-        if len(words) >= 2:
-            enabled[words[0]] = words[1]
-    active = set()
-    for line in active_units.splitlines():
-        # Without --plain (or on an old systemctl) failed units carry a "●" column of
-        # their own: strip it before splitting, not from the unit name.
-        words = line.lstrip("●* \t").split()
-        if words:
-            active.add(words[0])
-    return {
-        unit: ServiceState(enabled.get(unit, ""), unit in active)
-        for unit in sorted(set(enabled) | active)
-    }
+def parse_units(text: str) -> dict[str, ServiceState]:
+    """``systemctl show -p Names -p LoadState -p UnitFileState -p ActiveState u1 u2 …``.
+
+    One block of ``Key=value`` lines per unit, blocks separated by an empty
+    line.  Every name of a unit (aliases too: ``sshd.service`` is
+    ``ssh.service`` on Debian) maps to its state.
+    """
+    units: dict[str, ServiceState] = {}
+    for block in re.split(r"\n\s*\n", text.strip()):
+        props = dict(line.partition("=")[::2] for line in block.splitlines() if "=" in line)
+        names = props.get("Names", "").split() or props.get("Id", "").split()
+        if not names:
+            continue
+        load = props.get("LoadState", "")
+        state = ServiceState(
+            enabled=props.get("UnitFileState", "") or ("masked" if load == "masked" else ""),
+            active=props.get("ActiveState", "") in ("active", "reloading"),
+            loaded=load not in ("not-found", ""),
+        )
+        for name in names:
+            units[name] = state
+    return units
+
+
+def parse_transactions(text: str) -> tuple[Transaction, ...]:
+    """``id<TAB>state<TAB>deadline<TAB>now`` lines (see :data:`TXN_STATE_SH`)."""
+    found = []
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) != 4 or not parts[0]:
+            continue
+        txn_id, state, deadline, now = parts
+        found.append(Transaction(txn_id, state, int(deadline) if deadline.isdigit() else None,
+                                 int(now) if now.isdigit() else 0))
+    return tuple(found)
 
 
 def parse_files(text: str) -> dict[str, FileFact]:
@@ -499,18 +693,30 @@ def parse_files(text: str) -> dict[str, FileFact]:
     files: dict[str, FileFact] = {}
     lines = text.split("\n")
     for i, line in enumerate(lines):
-        if not line.startswith("F\t"):
+        if not line.startswith(("F\t", "S\t")):
             continue
         parts = line.split("\t")
         if len(parts) != 6:
             raise FactError(f"cannot parse file fact line: {line!r}")
-        _, path, mode, owner, group, digest = parts
+        kind, path, mode, owner, group, digest = parts
         # The script prints a content line after every header; only an empty file's
         # (empty) line can be missing, when it is the last one and the section was stripped.
         encoded = lines[i + 1] if i + 1 < len(lines) else ""
         content = None if encoded == "-" else base64.b64decode(encoded)
-        files[path] = FileFact(path, int(mode, 8), owner, group, digest, content)
+        files[path] = FileFact(path, int(mode, 8), owner, group, digest, content, kind == "S")
     return files
+
+
+REDACTED = "<secret: not logged>"
+
+
+def redact_facts_output(output: str) -> str:
+    """The facts output with the contents of secret files replaced, for the run log."""
+    lines = output.split("\n")
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("S\t") and line.count("\t") == 5:
+            lines[i + 1] = REDACTED
+    return "\n".join(lines)
 
 
 def parse_ssh_connection(text: str) -> SshPeer | None:
@@ -556,5 +762,5 @@ def summarize(facts: HostFacts) -> dict[str, object]:
         "active_services": sorted(u for u, s in facts.services.items() if s.active),
         "managed_files": {p: f.sha256[:12] for p, f in sorted(facts.files.items())},
         "ssh_client": str(facts.ssh_peer.client_address) if facts.ssh_peer else None,
-        "pending_transactions": list(facts.pending_transactions),
+        "transactions": {t.id: t.state for t in facts.transactions},
     }

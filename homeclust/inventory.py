@@ -111,6 +111,16 @@ class MonitorSpec:
 
 
 @dataclass(frozen=True)
+class UserSpec:
+    """A person who runs jobs: the same account (name, uid, gid) on every node."""
+
+    name: str
+    uid: int
+    gid: int
+    shell: str
+
+
+@dataclass(frozen=True)
 class CheckSpec:
     """How ``homeclust check`` probes egress from the workers.
 
@@ -152,6 +162,7 @@ class Inventory:
     scheduler: SchedulerSpec
     monitor: MonitorSpec
     check: CheckSpec
+    users: tuple[UserSpec, ...] = ()
     nodes: tuple[Node, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -369,8 +380,21 @@ def _parse_any_network(raw: str, error: Any, versions: tuple[int, ...] = (4, 6)
     return network
 
 
-_TOP_LEVEL = ("cluster", "ssh", "master", "workers", "nat", "firewall", "repo",
+_TOP_LEVEL = ("cluster", "ssh", "master", "workers", "users", "nat", "firewall", "repo",
               "scheduler", "monitor", "check")
+
+_USER_NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+_SHELL_RE = re.compile(r"^/[A-Za-z0-9/._-]+$")
+#: Accounts every system has or that homeclust itself manages: never a cluster user.
+_RESERVED_USERS = frozenset({
+    "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp",
+    "proxy", "www-data", "backup", "list", "irc", "gnats", "nobody", "systemd-network",
+    "systemd-resolve", "messagebus", "sshd", "munge", "slurm", "nginx", "adm", "operator",
+    "halt", "shutdown", "ftp", "polkitd", "chrony", "tss", "_apt",
+})
+#: First uid/gid given to cluster users without an explicit one (above distributions'
+#: ranges for people created by installers, 1000-1999).
+FIRST_CLUSTER_UID = 2000
 
 
 def load_inventory(path: str | os.PathLike[str] = DEFAULT_INVENTORY) -> Inventory:
@@ -499,10 +523,53 @@ def parse_inventory(data: Mapping[str, Any], path: Path) -> Inventory:
     )
     check_t.finish()
 
+    users = _parse_users(path, data.get("users"))
+
     return Inventory(
         path=path, cluster=cluster, ssh=ssh, master=master, workers=workers, nat=nat,
         firewall=firewall, repo=repo, scheduler=scheduler, monitor=monitor, check=check,
+        users=users,
     )
+
+
+def _parse_users(path: Path, data: Any) -> tuple[UserSpec, ...]:
+    """``[[users]]``: name, optional uid/gid (default: 2000 + position), shell."""
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise InventoryError("must be an array of tables ([[users]])", path=str(path),
+                             table="users")
+    users: list[UserSpec] = []
+    names: dict[str, str] = {}
+    uids: dict[int, str] = {}
+    gids: dict[int, str] = {}
+    for index, item in enumerate(data, start=1):
+        label = (f"users #{index} ({item['name']})" if isinstance(item, dict)
+                 and isinstance(item.get("name"), str) else f"users #{index}")
+        t = _Table(path, "users", item, label)
+        name = t.string("name", required=True)
+        if not _USER_NAME_RE.match(name):
+            raise t.error("name", f"{name!r} is not a valid user name",
+                          hint="lower-case letters, digits, '_' and '-', starting with a letter "
+                          "or '_', at most 32 characters")
+        if name in _RESERVED_USERS:
+            raise t.error("name", f"{name!r} is a system account, not a person who runs jobs")
+        default_id = FIRST_CLUSTER_UID + index - 1
+        uid = t.integer("uid", default_id, minimum=1000, maximum=60000)
+        gid = t.integer("gid", uid, minimum=1000, maximum=60000)
+        shell = t.string("shell", "/bin/bash")
+        if not _SHELL_RE.match(shell):
+            raise t.error("shell", f"must be an absolute path to a shell, got {shell!r}")
+        t.finish()
+        if name in names:
+            raise t.error("name", f"duplicate user name {name!r} (also {names[name]})")
+        if uid in uids:
+            raise t.error("uid", f"duplicate uid {uid} (also used by {uids[uid]})")
+        if gid in gids:
+            raise t.error("gid", f"duplicate gid {gid} (also used by {gids[gid]})")
+        names[name], uids[uid], gids[gid] = label, label, label
+        users.append(UserSpec(name, uid, gid, shell))
+    return tuple(users)
 
 
 def _resolve_path(raw: str, base_dir: Path) -> Path:
@@ -694,6 +761,8 @@ def inventory_summary(inventory: Inventory) -> dict[str, Any]:
         },
         "repo": {"packages": list(inventory.repo.packages)},
         "scheduler": {"kind": inventory.scheduler.kind},
+        "users": [{"name": u.name, "uid": u.uid, "gid": u.gid, "shell": u.shell}
+                  for u in inventory.users],
         "monitor": {
             "tools": list(inventory.monitor.tools),
             "fail2ban": {

@@ -27,6 +27,7 @@ _STYLE = {
     "changed": ("changed", "yellow"),
     "pending": ("would change", "yellow"),
     "failed": ("FAILED", "bold red"),
+    "rolled-back": ("ROLLED BACK", "bold red"),
     "skipped": ("skipped", "dim"),
     "running": ("running…", "cyan"),
     "waiting": ("·", "dim"),
@@ -192,7 +193,9 @@ def render_result(console: Console, result: RunResult, *, show_diff: bool) -> No
             for warning in outcome.warnings:
                 console.print(Text(f"warning: {outcome.host} {outcome.step}: {warning}",
                                    style="yellow"))
-    failures = [o for o in result.outcomes if o.status == "failed"]
+    for host, text in result.notices:
+        console.print(Text(f"{host}: {text}", style="yellow"))
+    failures = [o for o in result.outcomes if o.status in ("failed", "rolled-back")]
     for host, error in result.host_errors.items():
         console.print(Text(f"{host}: {error}", style="red"))
     for outcome in failures:
@@ -202,7 +205,8 @@ def render_result(console: Console, result: RunResult, *, show_diff: bool) -> No
     for outcome in skipped:
         console.print(Text(f"{outcome.host} {outcome.step}: {outcome.error}", style="dim"))
     verdict = {0: ("ok", "green"), 1: ("failed", "bold red"),
-               3: ("changes pending", "yellow")}[result.exit_code()]
+               3: ("changes pending", "yellow"),
+               130: ("interrupted", "bold red")}[result.exit_code()]
     counts = _counts(result)
     console.print(Text(f"{verdict[0]}: {counts} in {result.duration:.1f} s", style=verdict[1]))
     if result.log_path:
@@ -229,6 +233,8 @@ def result_json(result: RunResult) -> dict[str, Any]:
         "hosts": result.hosts,
         "steps": result.steps,
         "host_errors": result.host_errors,
+        "notices": [{"host": host, "text": text} for host, text in result.notices],
+        "interrupted": result.interrupted,
         "outcomes": [
             {
                 "host": o.host, "step": o.step, "status": o.status, "changes": o.changes,

@@ -132,6 +132,13 @@ ALL_NETWORK_FACT_PATHS: tuple[str, ...] = tuple(
     sorted({p for paths in NETWORK_FACT_PATHS.values() for p in paths})
 )
 
+#: Network configuration that may hold credentials (Wi-Fi PSKs, 802.1X passwords):
+#: read for planning, never logged, never shown in a diff.
+SECRET_NETWORK_FACT_PATHS: tuple[str, ...] = (
+    "/etc/NetworkManager/system-connections/*",
+    "/etc/netplan/*.yaml",
+)
+
 
 #: RHEL and its rebuilds (their ID_LIKE names rhel too, except Oracle Linux's).
 RHEL_IDS = ("rhel", "centos", "rocky", "almalinux", "ol")

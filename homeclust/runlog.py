@@ -2,6 +2,9 @@
 
 One JSON object per line in ``<state dir>/logs/<time>-<command>.jsonl`` on the
 admin machine, written as the run goes (a crash keeps what happened so far).
+The directory is private (0700) and each log 0600: logs hold the hosts'
+configuration.  Secret file contents never reach them (the runner logs
+redacted scripts and facts).
 """
 
 from __future__ import annotations
@@ -16,14 +19,24 @@ from typing import Any
 from homeclust.transport import CommandResult
 
 
+def private_dir(path: Path) -> None:
+    """Create ``path`` (and its parents) and make it and its homeclust parent 0700."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for directory in (path, path.parent):
+        if directory.name and directory.exists() and directory.stat().st_uid == os.getuid():
+            directory.chmod(0o700)
+
+
 class RunLog:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._file = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = path.open("a", encoding="utf-8")
+            private_dir(path.parent)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.fchmod(descriptor, 0o600)
+            self._file = os.fdopen(descriptor, "a", encoding="utf-8")
 
     @classmethod
     def for_run(cls, state_dir: Path, command: str) -> RunLog:

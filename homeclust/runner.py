@@ -1,20 +1,30 @@
 """The runner: connect, gather facts, plan, apply, verify, report.
 
-* The master is connected first (it is every worker's gateway); ``up`` then
-  takes the cluster lock on it, so two runs never interleave.
-* Facts: one round trip per host; workers are connected and read in parallel
-  (bounded by ``--forks``) over the master's connection.
-* ``plan`` (and ``up --dry-run``) stops after planning: nothing but the
-  read-only facts script is ever sent.
-* ``up`` runs every step on the master, then on the workers in parallel.  A
-  failed worker does not stop the others; its later steps are skipped and
-  named.  Without a working master, no worker is touched.
-* Each applied step is verified: facts are read again and the step is planned
-  again; a step whose plan is still not empty did not converge and fails.
-* Steps that can cut the admin off carry a guard and go through
-  :mod:`homeclust.safety` (armed rollback, confirmation over a new connection).
-* ``check`` plans too: an empty plan is "in sync", anything else is drift; then
-  each step's posture checks and behaviour probes run.
+A run goes through these phases, each a method of its own:
+
+1. **connect the master** (every worker's gateway); ``up`` takes the cluster
+   lock on it for the whole run, so two runs never interleave;
+2. **gather** facts: one round trip per host, workers in parallel (bounded by
+   ``--forks``) over the master's connection, asking only what the run's
+   steps need (:class:`~homeclust.facts.FactQuery`);
+3. **pending transactions** left on a host by an interrupted run: ``up``
+   resolves them (rolls back what was never confirmed, waits for rollbacks
+   under way) before planning; ``plan``/``check`` report them and never call
+   such a host "in sync";
+4. **plan** every step (``plan``/``check`` stop here: nothing but the
+   read-only facts script is ever sent), or
+5. **apply**: every step on the master, then on the workers in parallel.  A
+   step's unguarded changes run first as one batch; if the step also has
+   guarded changes, the facts are read again and the step re-planned -- the
+   guarded part that is left goes through :mod:`homeclust.safety` (timer
+   armed right before it, confirmation over a new connection).  Every step
+   is verified by reading the facts again and re-planning: what is left did
+   not converge.  A failed worker does not stop the others; its later steps
+   are skipped and named.  Without a working master no worker is touched;
+6. ``check`` adds each step's posture checks and behaviour probes.
+
+Ctrl-C or SIGTERM sets the run's cancel event: guarded changes in flight roll
+back at once, nothing new starts, and the run ends with exit code 130.
 """
 
 from __future__ import annotations
@@ -24,27 +34,36 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from homeclust import safety
-from homeclust.changes import parse_batch_output, render_batch
-from homeclust.errors import FactError, HomeclustError, StepError
-from homeclust.facts import HostFacts, gather_script, parse_facts
+from homeclust.changes import Change, CommandChange, FileChange, parse_batch_output, render_batch
+from homeclust.errors import FactError, HomeclustError, Interrupted, RolledBackError, StepError
+from homeclust.facts import FactQuery, HostFacts, Transaction, gather_script, parse_facts, redact_facts_output
 from homeclust.inventory import Inventory, Node
-from homeclust.platforms import ALL_NETWORK_FACT_PATHS, platform_of
+from homeclust.platforms import platform_of
 from homeclust.runlog import RunLog
-from homeclust.steps import REGISTRY
 from homeclust.steps.base import CheckItem, PlanContext, Step, StepPlan
-from homeclust.transport import CommandResult, Connector, Host, LockHandle
+from homeclust.transport import (
+    CommandResult,
+    Connector,
+    Host,
+    LockHandle,
+    claim_script,
+    unclaim_script,
+)
 
 Mode = Literal["apply", "plan", "check", "facts"]
-StepStatus = Literal["unchanged", "changed", "pending", "failed", "skipped"]
+StepStatus = Literal["unchanged", "changed", "pending", "failed", "rolled-back", "skipped"]
 
 LOCK_PATH = "/run/homeclust.lock"
 FACTS_TIMEOUT = 120.0
+#: Seconds to wait for our own previous lock session to go away after a reconnect.
+RELOCK_WAIT = 30.0
 
 
 @dataclass
@@ -67,8 +86,11 @@ class RunResult:
     outcomes: list[StepOutcome] = field(default_factory=list)
     host_errors: dict[str, str] = field(default_factory=dict)
     checks: list[CheckItem] = field(default_factory=list)
+    #: Things the run found and dealt with that belong to no step (host, text).
+    notices: list[tuple[str, str]] = field(default_factory=list)
     log_path: str | None = None
     duration: float = 0.0
+    interrupted: bool = False
 
     def outcome(self, host: str, step: str) -> StepOutcome | None:
         for outcome in self.outcomes:
@@ -78,16 +100,18 @@ class RunResult:
 
     @property
     def failed(self) -> bool:
-        return bool(self.host_errors) or any(o.status == "failed" for o in self.outcomes) or any(
-            c.status == "fail" for c in self.checks
-        )
+        return bool(self.host_errors) or any(
+            o.status in ("failed", "rolled-back") for o in self.outcomes) or any(
+            c.status == "fail" for c in self.checks)
 
     @property
     def pending(self) -> bool:
         return any(o.status == "pending" for o in self.outcomes)
 
     def exit_code(self) -> int:
-        """0 ok; 1 a host, step or check failed; 3 ``plan`` found changes."""
+        """0 ok; 1 a host, step or check failed; 3 ``plan`` found changes; 130 interrupted."""
+        if self.interrupted:
+            return 130
         if self.failed:
             return 1
         if self.mode == "plan" and self.pending:
@@ -124,12 +148,25 @@ class NullReporter:
         pass
 
 
-def fact_paths() -> tuple[str, ...]:
-    """Every file any registered step reads, plus every network config location."""
-    paths = set(ALL_NETWORK_FACT_PATHS)
-    for step in REGISTRY.values():
-        paths.update(step.fact_paths)
-    return tuple(sorted(paths))
+def fact_query(inventory: Inventory, steps: Iterable[Step]) -> FactQuery:
+    """What the run needs to know about each host: the union of its steps' needs."""
+    query = FactQuery()
+    for step in steps:
+        query = query | step.fact_query(inventory)
+    return query
+
+
+def change_signature(changes: Iterable[Change]) -> list[tuple[str, str]]:
+    """What a list of changes would do, for comparing two plans of the same step."""
+    signature = []
+    for change in changes:
+        if isinstance(change, FileChange):
+            signature.append((change.description, change.diff()))
+        elif isinstance(change, CommandChange):
+            signature.append((change.description, change.diff))
+        else:
+            signature.append((change.description, ""))
+    return signature
 
 
 class Runner:
@@ -154,31 +191,49 @@ class Runner:
         self.forks = max(1, forks)
         self.sleep = sleep
         self.facts: dict[str, HostFacts] = {}
+        self.run_id = uuid.uuid4().hex[:12]
         self._facts_lock = threading.Lock()
-        self._paths = fact_paths()
+        self._query = fact_query(inventory, self.steps)
+        self._lock: LockHandle | None = None
+        self._lock_lost: str | None = None
+
+    @property
+    def cancel(self) -> threading.Event:
+        return self.connector.cancel
 
     # ------------------------------------------------------------------ plumbing
 
-    def run_script(self, host: Host, purpose: str, script: str,
-                   timeout: float | None = None) -> CommandResult:
-        """Run a tagged script on ``host`` and log it (the tag names its purpose)."""
+    def run_script(self, host: Host, purpose: str, script: str, timeout: float | None = None,
+                   *, interruptible: bool = True, log_script: str | None = None
+                   ) -> CommandResult:
+        """Run a tagged script on ``host`` and log it (the tag names its purpose).
+
+        ``log_script``: what the log shows instead of the script (secrets left out).
+        """
         tagged = f"# homeclust:{purpose}\n{script}"
+        logged = f"# homeclust:{purpose}\n{log_script}" if log_script is not None else tagged
         try:
-            result = host.run(tagged, timeout=timeout)
+            result = host.run(tagged, timeout=timeout, interruptible=interruptible)
         except HomeclustError as exc:
-            self.runlog.command(host.node.name, purpose, tagged, None, error=str(exc))
+            self.runlog.command(host.node.name, purpose, logged, None, error=str(exc))
             raise
-        self.runlog.command(host.node.name, purpose, tagged, result)
+        if purpose == "facts":
+            self.runlog.command(host.node.name, purpose, logged, CommandResult(
+                result.exit_code, redact_facts_output(result.stdout), result.stderr,
+                result.duration))
+        else:
+            self.runlog.command(host.node.name, purpose, logged, result)
         return result
 
-    def gather(self, host: Host) -> HostFacts:
-        result = self.run_script(host, "facts", gather_script(self._paths), FACTS_TIMEOUT)
+    def gather(self, host: Host, *, interruptible: bool = True) -> HostFacts:
+        result = self.run_script(host, "facts", gather_script(self._query), FACTS_TIMEOUT,
+                                 interruptible=interruptible)
         if result.exit_code != 0:
             raise FactError(
                 f"{host.node.name}: the facts script failed (exit {result.exit_code}): "
                 f"{result.stderr.strip() or result.stdout.strip()[-500:]}"
             )
-        facts = parse_facts(result.stdout)
+        facts = parse_facts(result.stdout, self._query)
         platform_of(facts)  # unsupported systems fail here, before any step plans
         with self._facts_lock:
             self.facts[host.node.name] = facts
@@ -198,6 +253,21 @@ class Runner:
     @property
     def workers(self) -> list[Node]:
         return [n for n in self.nodes if not n.is_master]
+
+    def _parallel(self, work: Callable[[Node], None], nodes: Sequence[Node]) -> None:
+        """``work`` on every node, ``--forks`` at a time.  On Ctrl-C the cancel event
+        is set first, then the threads are waited for (they roll back what they armed)."""
+        if not nodes:
+            return
+        pool = ThreadPoolExecutor(max_workers=min(self.forks, len(nodes)))
+        try:
+            for future in [pool.submit(work, node) for node in nodes]:
+                future.result()
+        except BaseException:
+            self.cancel.set()
+            raise
+        finally:
+            pool.shutdown(wait=True)
 
     # ------------------------------------------------------------------ entry points
 
@@ -220,62 +290,31 @@ class Runner:
                            log_path=str(self.runlog.path) if self.runlog.path else None)
         self.reporter.start(result.hosts, result.steps, mode)
         self.runlog.event("run-start", mode=mode, hosts=result.hosts, steps=result.steps,
-                          inventory=str(self.inventory.path))
-        lock: LockHandle | None = None
+                          inventory=str(self.inventory.path), run_id=self.run_id)
         try:
-            master_node = self.inventory.master_node
-            try:
-                self.reporter.host_status(master_node.name, "connecting")
-                master = self.connector.open(master_node)
-                if mode == "check":
-                    result.checks.append(CheckItem(master_node.name, "ssh from admin", "pass",
-                                                   f"{self.inventory.master.address}"))
-                if mode == "apply":
-                    lock = master.hold_lock(LOCK_PATH, _lock_owner())
-                self.reporter.host_status(master_node.name, "reading facts")
-                self.gather(master)
-                self.reporter.host_status(master_node.name, "ready")
-            except HomeclustError as exc:
-                self._fail_all(result, f"master {master_node.name}: {exc}")
-                if mode == "check":
-                    result.checks.append(CheckItem(
-                        master_node.name, "ssh from admin", "fail", exc.message,
-                        exc.hint or "is the master up and `[master] address` right?"))
+            if not self._connect_master(result, mode):
                 return result
-
-            self._gather_workers(result, mode)
+            self._parallel(lambda node: self._gather_worker(node, result, mode), self.workers)
             if mode == "facts":
                 return result
-
             if mode in ("plan", "check"):
                 for node in self.nodes:
-                    if node.name in result.host_errors:
-                        continue
-                    self._plan_host(node, result, mode)
+                    if node.name not in result.host_errors:
+                        self._plan_host(node, result, mode)
                 if mode == "check":
-                    self._probe_all(result)
+                    self._parallel(lambda node: self._probe_host(node, result), self.nodes)
                 return result
-
-            if self.targeted_master:
-                lock = self._pipeline(master_node, result, lock)
-            master_failure = next(
-                (o for o in result.outcomes if o.host == master_node.name and o.status == "failed"),
-                None,
-            )
-            pending_workers = [w for w in self.workers if w.name not in result.host_errors]
-            if master_failure is not None:
-                for worker in pending_workers:
-                    for step in self.steps_for(worker):
-                        self._record(result, StepOutcome(
-                            worker.name, step.name, "skipped",
-                            error=f"not attempted: master failed at {master_failure.step}"))
-                return result
-            with ThreadPoolExecutor(max_workers=self.forks) as pool:
-                list(pool.map(lambda w: self._pipeline(w, result, None), pending_workers))
+            self._apply_all(result)
+            return result
+        except (KeyboardInterrupt, Interrupted):
+            self.cancel.set()
+            result.interrupted = True
+            self._mark_interrupted(result)
             return result
         finally:
-            if lock is not None:
-                lock.release()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
             result.duration = time.monotonic() - started
             self.runlog.event("run-end", exit_code=result.exit_code(),
                               duration=round(result.duration, 3))
@@ -283,39 +322,70 @@ class Runner:
 
     # ------------------------------------------------------------------ phases
 
+    def _connect_master(self, result: RunResult, mode: Mode) -> bool:
+        master_node = self.inventory.master_node
+        try:
+            self.reporter.host_status(master_node.name, "connecting")
+            master = self.connector.open(master_node)
+            if mode == "check":
+                result.checks.append(CheckItem(master_node.name, "ssh from admin", "pass",
+                                               f"{self.inventory.master.address}"))
+            if mode == "apply":
+                self._lock = master.hold_lock(LOCK_PATH, _lock_owner(), self.run_id)
+            self.reporter.host_status(master_node.name, "reading facts")
+            self.gather(master)
+            self._pending(master_node, master, result, mode)
+            self.reporter.host_status(master_node.name, "ready")
+        except Interrupted:
+            raise
+        except HomeclustError as exc:
+            self._fail_all(result, f"master {master_node.name}: {exc}")
+            if mode == "check":
+                result.checks.append(CheckItem(
+                    master_node.name, "ssh from admin", "fail", exc.message,
+                    exc.hint or "is the master up and `[master] address` right?"))
+            return False
+        return True
+
+    def _gather_worker(self, node: Node, result: RunResult, mode: Mode) -> None:
+        try:
+            self.reporter.host_status(node.name, "connecting")
+            host = self.connector.open(node)
+            if mode == "check":
+                result.checks.append(CheckItem(
+                    node.name, f"ssh via {self.inventory.master.name}", "pass",
+                    str(node.private_address)))
+            self.reporter.host_status(node.name, "reading facts")
+            self.gather(host)
+            self._pending(node, host, result, mode)
+            self.reporter.host_status(node.name, "ready")
+        except Interrupted:
+            raise
+        except HomeclustError as exc:
+            self._host_error(result, node, str(exc))
+            if mode == "check":
+                result.checks.append(CheckItem(
+                    node.name, f"ssh via {self.inventory.master.name}", "fail", exc.message,
+                    exc.hint or ""))
+
     def _fail_all(self, result: RunResult, message: str) -> None:
         for node in self.nodes:
             self._host_error(result, node, message)
 
     def _host_error(self, result: RunResult, node: Node, message: str) -> None:
-        result.host_errors[node.name] = message
+        with self._facts_lock:
+            result.host_errors[node.name] = message
         self.reporter.host_status(node.name, f"failed: {message}")
         self.runlog.event("host-error", host=node.name, error=message)
         for step in self.steps_for(node):
             self._record(result, StepOutcome(node.name, step.name, "skipped",
                                              error=f"not attempted: {message}"))
 
-    def _gather_workers(self, result: RunResult, mode: Mode) -> None:
-        def one(node: Node) -> None:
-            try:
-                self.reporter.host_status(node.name, "connecting")
-                host = self.connector.open(node)
-                if mode == "check":
-                    result.checks.append(CheckItem(
-                        node.name, f"ssh via {self.inventory.master.name}", "pass",
-                        str(node.private_address)))
-                self.reporter.host_status(node.name, "reading facts")
-                self.gather(host)
-                self.reporter.host_status(node.name, "ready")
-            except HomeclustError as exc:
-                self._host_error(result, node, str(exc))
-                if mode == "check":
-                    result.checks.append(CheckItem(
-                        node.name, f"ssh via {self.inventory.master.name}", "fail", exc.message,
-                        exc.hint or ""))
-
-        with ThreadPoolExecutor(max_workers=self.forks) as pool:
-            list(pool.map(one, self.workers))
+    def _notice(self, result: RunResult, host: str, text: str) -> None:
+        with self._facts_lock:
+            result.notices.append((host, text))
+        self.reporter.message(f"{host}: {text}")
+        self.runlog.event("notice", host=host, text=text)
 
     def _record(self, result: RunResult, outcome: StepOutcome) -> None:
         with self._facts_lock:
@@ -325,10 +395,73 @@ class Runner:
                           changes=outcome.changes, warnings=outcome.warnings, error=outcome.error,
                           diff=outcome.diff, duration=round(outcome.duration, 3))
 
+    def _mark_interrupted(self, result: RunResult) -> None:
+        done = {(o.host, o.step) for o in result.outcomes}
+        for node in self.nodes:
+            for step in self.steps_for(node):
+                if (node.name, step.name) not in done:
+                    self._record(result, StepOutcome(node.name, step.name, "skipped",
+                                                     error="not attempted: interrupted"))
+
+    # ------------------------------------------------------------------ pending transactions
+
+    def _pending(self, node: Node, host: Host, result: RunResult, mode: Mode) -> None:
+        """Deal with guarded changes an earlier, interrupted run left on the host."""
+        transactions = self.facts[node.name].transactions
+        if not transactions:
+            return
+        if mode != "apply":
+            # Read-only: say what will happen; the plan must not call the host in sync.
+            for txn in transactions:
+                self._notice(result, node.name, describe_transaction(txn))
+            return
+        for txn in transactions:
+            self._notice(result, node.name, self._resolve(host, txn))
+        self.gather(host)
+
+    def _resolve(self, host: Host, txn: Transaction) -> str:
+        """Bring a left-over transaction to an end; returns what was done."""
+        if txn.state in ("armed", "applying", "apply-failed", "rolling-back"):
+            if txn.state != "rolling-back":
+                self.run_script(host, "rollback", safety.rollback_now_script(txn.id), 30.0,
+                                interruptible=False)
+            state = self._wait_rolled_back(host, txn.id)
+            where = "rolledback" if state == "rolledback" else "failed"
+            self.run_script(host, "txn-archive", safety.archive_script(txn.id, where), 30.0,
+                            interruptible=False)
+            if state == "rolledback":
+                return (f"rolled back the unconfirmed change {txn.id} that an interrupted run "
+                        "left (it would have rolled back by itself"
+                        + (f" in {txn.seconds_left} s)" if (txn.seconds_left or 0) > 0 else ")"))
+            return (f"the unconfirmed change {txn.id} left by an interrupted run did not roll "
+                    f"back cleanly (state {state}); kept in /var/lib/homeclust/failed for "
+                    "inspection; this run plans from the host's actual state")
+        where = {"rolledback": "rolledback", "rollback-failed": "failed",
+                 "confirmed": "confirmed"}.get(txn.state, "abandoned")
+        self.run_script(host, "txn-archive", safety.archive_script(txn.id, where), 30.0,
+                        interruptible=False)
+        return describe_transaction(txn) + f" (moved to /var/lib/homeclust/{where})"
+
+    def _wait_rolled_back(self, host: Host, txn_id: str) -> str:
+        deadline = time.monotonic() + safety.ROLLBACK_GRACE + 90
+        state = "unknown"
+        while time.monotonic() < deadline:
+            output = self.run_script(host, "txn-status", safety.status_script(txn_id), 30.0,
+                                     interruptible=False).stdout
+            state = safety.TxnStatus.parse(output).state
+            if state in ("rolledback", "rollback-failed", "gone"):
+                break
+            self.sleep(safety.POLL_INTERVAL)
+        return state
+
+    # ------------------------------------------------------------------ plan / check
+
     def _plan_step(self, step: Step, node: Node) -> StepPlan:
         return step.plan(self.context(node))
 
     def _plan_host(self, node: Node, result: RunResult, mode: Mode) -> None:
+        pending = {t.id.rsplit("-", 2)[0]: t for t in self.facts[node.name].transactions
+                   if t.state in ("armed", "applying", "apply-failed", "rolling-back")}
         for step in self.steps_for(node):
             started = time.monotonic()
             try:
@@ -339,55 +472,83 @@ class Runner:
                     result.checks.append(CheckItem(node.name, step.name, "fail", exc.message,
                                                    exc.hint or ""))
                 continue
-            status: StepStatus = "pending" if plan.has_changes else "unchanged"
+            changes = plan.descriptions()
+            txn = pending.get(step.name)
+            if txn is not None:
+                changes.insert(0, describe_transaction(txn))
+            status: StepStatus = "pending" if changes else "unchanged"
             self._record(result, StepOutcome(
-                node.name, step.name, status, plan.descriptions(), plan.diff(),
+                node.name, step.name, status, changes, plan.diff(),
                 list(plan.warnings), duration=time.monotonic() - started))
-            if mode == "check":
-                ctx = self.context(node)
-                if plan.has_changes:
-                    result.checks.append(CheckItem(
-                        node.name, f"{step.name} in sync", "fail",
-                        "drift: " + "; ".join(plan.descriptions()),
-                        f"see the diff with `homeclust plan --only {step.name} --host {node.name}`;"
-                        f" fix with `homeclust up --only {step.name} --host {node.name}`"))
-                else:
-                    result.checks.append(CheckItem(node.name, f"{step.name} in sync", "pass"))
-                for warning in plan.warnings:
-                    result.checks.append(CheckItem(node.name, step.name, "warn", warning))
-                result.checks.extend(step.posture(ctx))
-
-    def _probe_all(self, result: RunResult) -> None:
-        def one(node: Node) -> None:
-            if node.name in result.host_errors:
-                return
-            try:
-                host = self.connector.open(node)
-            except HomeclustError as exc:
-                result.checks.append(CheckItem(node.name, "probes", "fail", exc.message))
-                return
+            if mode != "check":
+                continue
             ctx = self.context(node)
-            # Every selected step, not only those targeting the node: the nat step
-            # runs on the master, but its proof (egress) is on every worker.
-            for step in self.steps:
-                for probe in step.probes(ctx):
-                    try:
-                        out = self.run_script(host, f"probe:{probe.name}", probe.script,
-                                              probe.timeout)
-                        item = probe.evaluate(out.exit_code, out.stdout)
-                    except HomeclustError as exc:
-                        item = CheckItem(node.name, probe.name, "fail", exc.message)
-                    with self._facts_lock:
-                        result.checks.append(item)
+            if changes:
+                result.checks.append(CheckItem(
+                    node.name, f"{step.name} in sync", "fail",
+                    "drift: " + "; ".join(changes),
+                    f"see the diff with `homeclust plan --only {step.name} --host {node.name}`;"
+                    f" fix with `homeclust up --only {step.name} --host {node.name}`"))
+            else:
+                result.checks.append(CheckItem(node.name, f"{step.name} in sync", "pass"))
+            for warning in plan.warnings:
+                result.checks.append(CheckItem(node.name, step.name, "warn", warning))
+            result.checks.extend(step.posture(ctx))
 
-        with ThreadPoolExecutor(max_workers=self.forks) as pool:
-            list(pool.map(one, self.nodes))
+    def _probe_host(self, node: Node, result: RunResult) -> None:
+        if node.name in result.host_errors:
+            return
+        try:
+            host = self.connector.open(node)
+        except HomeclustError as exc:
+            result.checks.append(CheckItem(node.name, "probes", "fail", exc.message))
+            return
+        ctx = self.context(node)
+        # Every selected step, not only those targeting the node: the nat step
+        # runs on the master, but its proof (egress) is on every worker.
+        for step in self.steps:
+            for probe in step.probes(ctx):
+                try:
+                    out = self.run_script(host, f"probe:{probe.name}", probe.script,
+                                          probe.timeout)
+                    item = probe.evaluate(out.exit_code, out.stdout)
+                except Interrupted:
+                    raise
+                except HomeclustError as exc:
+                    item = CheckItem(node.name, probe.name, "fail", exc.message)
+                with self._facts_lock:
+                    result.checks.append(item)
 
-    def _pipeline(self, node: Node, result: RunResult, lock: LockHandle | None
-                  ) -> LockHandle | None:
+    # ------------------------------------------------------------------ apply
+
+    def _apply_all(self, result: RunResult) -> None:
+        master_node = self.inventory.master_node
+        if self.targeted_master:
+            self._pipeline(master_node, result)
+        master_failure = next(
+            (f"master failed at {o.step}" for o in result.outcomes if o.host == master_node.name
+             and o.status in ("failed", "rolled-back")), None)
+        if self._lock_lost:
+            master_failure = f"the run lock could not be taken again: {self._lock_lost}"
+            self._notice(result, master_node.name, master_failure)
+        pending_workers = [w for w in self.workers if w.name not in result.host_errors]
+        if master_failure is not None:
+            for worker in pending_workers:
+                for step in self.steps_for(worker):
+                    self._record(result, StepOutcome(
+                        worker.name, step.name, "skipped",
+                        error=f"not attempted: {master_failure}"))
+            if self._lock_lost:
+                result.host_errors[master_node.name] = master_failure
+            return
+        self._parallel(lambda w: self._pipeline(w, result), pending_workers)
+
+    def _pipeline(self, node: Node, result: RunResult) -> None:
         """Apply every step to one host, in order; stop at the first failure."""
         failed_at: str | None = None
         for step in self.steps_for(node):
+            if failed_at is None and self._lock_lost:
+                failed_at = "keeping the run lock"
             if failed_at is not None:
                 self._record(result, StepOutcome(node.name, step.name, "skipped",
                                                  error=f"not attempted: {failed_at} failed"))
@@ -395,67 +556,155 @@ class Runner:
             self.reporter.step_status(node.name, step.name, "running")
             started = time.monotonic()
             try:
-                outcome, lock = self._apply_step(step, node, lock)
+                outcome = self._apply_step(step, node)
+            except (Interrupted, KeyboardInterrupt) as exc:
+                rolled_back = isinstance(exc, Interrupted) and exc.rolled_back
+                self._record(result, StepOutcome(
+                    node.name, step.name, "rolled-back" if rolled_back else "failed",
+                    error=str(exc) if isinstance(exc, Interrupted) else "interrupted",
+                    duration=time.monotonic() - started))
+                raise Interrupted(f"{node.name}: interrupted") from None
             except HomeclustError as exc:
                 outcome = StepOutcome(node.name, step.name, "failed", error=str(exc))
             outcome.duration = time.monotonic() - started
             self._record(result, outcome)
-            if outcome.status == "failed":
+            if outcome.status in ("failed", "rolled-back"):
                 failed_at = step.name
         self.reporter.host_status(node.name, "failed" if failed_at else "done")
-        return lock
 
-    def _apply_step(self, step: Step, node: Node, lock: LockHandle | None
-                    ) -> tuple[StepOutcome, LockHandle | None]:
+    def _apply_step(self, step: Step, node: Node) -> StepOutcome:
         plan = self._plan_step(step, node)
         if not plan.has_changes:
-            return StepOutcome(node.name, step.name, "unchanged", warnings=list(plan.warnings)), lock
+            return StepOutcome(node.name, step.name, "unchanged", warnings=list(plan.warnings))
         host = self.connector.open(node)
         warnings = list(plan.warnings)
-        if plan.guard is not None:
-            txn_id = safety.new_txn_id(step.name)
-            guarded = safety.apply_guarded(
-                host=host, node=node, connector=self.connector,
-                run=lambda h, purpose, script, timeout: self.run_script(h, purpose, script, timeout),
-                txn_id=txn_id, changes=plan.changes, guard=plan.guard,
-                verify=lambda fresh: self._verify(step, node, fresh),
-                sleep=self.sleep,
-            )
-            output = guarded.outcomes_output
-            if node.is_master and lock is not None:
-                # The old connection (and the lock it held) was replaced.
-                lock.release()
-                lock = guarded.host.hold_lock(LOCK_PATH, _lock_owner())
-        else:
-            batch = render_batch(plan.changes)
-            applied = self.run_script(host, f"apply:{step.name}", batch)
-            output = applied.stdout
-            if applied.exit_code != 0:
-                failed = [
-                    (plan.changes[o.index].description, o.output)
-                    for o in parse_batch_output(applied.stdout, len(plan.changes))
-                    if o.status == "failed"
-                ]
-                what = failed[0] if failed else ("the batch", applied.stdout[-800:])
-                raise StepError(f"{node.name}: {step.name}: {what[0]} failed:\n{what[1].strip()}")
-            remaining = self._verify(step, node, host)
-            if remaining:
+        done: list[str] = []
+        armed = plan
+        if plan.changes:
+            warnings += self._run_batch(host, step, node, plan.changes)
+            done = [c.description for c in plan.changes]
+            if not plan.guarded:
+                self._check_converged(step, node, host)
+                return StepOutcome(node.name, step.name, "changed", done, plan.diff(), warnings)
+            # Packages and files are in place and checked before the guard's timer starts.
+            self.gather(host)
+            armed = self._plan_step(step, node)
+            if armed.changes:
                 raise StepError(
-                    f"{node.name}: {step.name} applied but the host still differs: "
-                    + "; ".join(remaining),
-                    hint="the run log has every command and its output",
-                )
-        for outcome in parse_batch_output(output, len(plan.changes)):
-            if outcome.status == "warned":
-                warnings.append(outcome.output.splitlines()[-1] if outcome.output else "warning")
+                    f"{node.name}: {step.name}: applied but the host still differs before the "
+                    "guarded part: " + "; ".join(c.description for c in armed.changes),
+                    hint="the run log has every command and its output")
+            if not armed.guarded:
+                return StepOutcome(node.name, step.name, "changed", done, plan.diff(), warnings)
+        try:
+            warnings += self._run_guarded(step, node, host, armed)
+        except RolledBackError as exc:
+            what = f" (already done: {'; '.join(done)})" if done else ""
+            return StepOutcome(node.name, step.name, "rolled-back", done, plan.diff(), warnings,
+                               error=f"{exc}{what}")
         return StepOutcome(node.name, step.name, "changed", plan.descriptions(), plan.diff(),
-                           warnings), lock
+                           warnings)
+
+    def _run_batch(self, host: Host, step: Step, node: Node, changes: Sequence[Change]
+                   ) -> list[str]:
+        """Apply unguarded changes in one round trip; returns warnings."""
+        applied = self.run_script(host, f"apply:{step.name}", render_batch(changes),
+                                  log_script=render_batch(changes, redact=True))
+        outcomes = parse_batch_output(applied.stdout, len(changes))
+        if applied.exit_code != 0:
+            failed = [(changes[o.index].description, o.output) for o in outcomes
+                      if o.status == "failed"]
+            what = failed[0] if failed else ("the batch", applied.stdout[-800:])
+            raise StepError(f"{node.name}: {step.name}: {what[0]} failed:\n{what[1].strip()}")
+        return [o.output.splitlines()[-1] if o.output else "warning"
+                for o in outcomes if o.status == "warned"]
+
+    def _check_converged(self, step: Step, node: Node, host: Host) -> None:
+        remaining = self._verify(step, node, host)
+        if remaining:
+            raise StepError(
+                f"{node.name}: {step.name} applied but the host still differs: "
+                + "; ".join(remaining),
+                hint="the run log has every command and its output",
+            )
+
+    def _run_guarded(self, step: Step, node: Node, host: Host, plan: StepPlan) -> list[str]:
+        """The guarded part of a plan through the safety engine; returns warnings."""
+        guard = plan.guard
+        if guard is None:
+            raise StepError(f"{node.name}: {step.name}: guarded changes without a guard (bug)")
+        if node.is_master and self._lock is not None:
+            # The master's connection is replaced below; the claim keeps the run
+            # lock ours until we take it again over the new connection.
+            self.run_script(host, "lock-claim", claim_script(
+                LOCK_PATH, self.run_id, int(guard.rollback_after + safety.ROLLBACK_GRACE + 60)),
+                30.0)
+        expected = change_signature(plan.guarded)
+
+        def unchanged_since_arm(fresh: Host) -> str | None:
+            self.gather(fresh, interruptible=False)
+            again = self._plan_step(step, node)
+            if change_signature(again.guarded) == expected:
+                return None
+            return ("now: " + ("; ".join(again.descriptions()) or "nothing to change")
+                    + "; before: " + "; ".join(c.description for c in plan.guarded))
+
+        engine = safety.GuardedApply(
+            host=host, node=node, connector=self.connector, run=self.run_script,
+            txn_id=safety.new_txn_id(step.name), changes=plan.guarded, guard=guard,
+            verify=lambda fresh: self._verify(step, node, fresh),
+            unchanged_since_arm=unchanged_since_arm, cancel=self.cancel, sleep=self.sleep,
+        )
+        try:
+            result = engine.execute()
+        finally:
+            self.runlog.event("guarded", host=node.name, step=step.name, txn=engine.txn_id,
+                              trail=[p.value for p in engine.trail], problems=engine.problems)
+            if node.is_master and self._lock is not None:
+                try:
+                    self._relock()
+                except HomeclustError as exc:
+                    # Nothing more may be changed without the lock (our claim still
+                    # keeps other runs out until it expires).
+                    self._lock_lost = str(exc)
+                    self.runlog.event("relock-failed", error=str(exc))
+        return [o.output.splitlines()[-1] if o.output else "warning"
+                for o in parse_batch_output(result.apply_output, len(plan.guarded))
+                if o.status == "warned"]
+
+    def _relock(self) -> None:
+        """Take the run lock again over the master's current connection (our claim
+        lets us in; nobody else got in meanwhile), then drop the claim."""
+        old, self._lock = self._lock, None
+        if old is not None:
+            old.release()
+        master = self.connector.open(self.inventory.master_node)
+        self._lock = master.hold_lock(LOCK_PATH, _lock_owner(), self.run_id, wait=RELOCK_WAIT)
+        self.run_script(master, "lock-unclaim", unclaim_script(LOCK_PATH, self.run_id), 30.0,
+                        interruptible=False)
 
     def _verify(self, step: Step, node: Node, host: Host) -> list[str]:
         """Read the facts again and re-plan: what is left is what did not converge."""
         self.gather(host)
-        again = self._plan_step(step, node)
-        return again.descriptions()
+        return self._plan_step(step, node).descriptions()
+
+
+def describe_transaction(txn: Transaction) -> str:
+    """One line about a guarded change found on a host."""
+    left = txn.seconds_left
+    if txn.state in ("armed", "applying", "apply-failed"):
+        when = f"in {left} s" if left is not None and left > 0 else "any moment now"
+        return (f"an unconfirmed change ({txn.id}) from an interrupted run is pending; the host "
+                f"rolls it back by itself {when}")
+    if txn.state == "rolling-back":
+        return f"a change ({txn.id}) is being rolled back right now"
+    if txn.state == "rolledback":
+        return f"the change {txn.id} was not confirmed and was rolled back"
+    if txn.state == "rollback-failed":
+        return f"the rollback of the change {txn.id} FAILED (see its rollback.log)"
+    if txn.state == "confirmed":
+        return f"the change {txn.id} was confirmed"
+    return f"a change ({txn.id}) was started but never armed (nothing of it was applied)"
 
 
 def _lock_owner() -> str:

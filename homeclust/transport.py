@@ -15,6 +15,13 @@
   authentication failures and changed host keys are never retried.
 * Commands are shell scripts sent on stdin to ``sh -s`` (through ``sudo -n``
   when the login user is not root), so a step's whole batch is one round trip.
+  The host enforces each command's time limit itself (``timeout``): a command
+  homeclust gave up on never keeps running there.
+* A run can be cancelled (Ctrl-C, SIGTERM): waits notice within a fraction of
+  a second; only commands marked not interruptible (a rollback) run on.
+* The run lock on the master is an ``flock`` held by an open SSH session, so a
+  dead run never leaves a stale lock; a *claim* (run id + expiry) keeps it for
+  its run while a guarded change replaces the master's connection.
 """
 
 from __future__ import annotations
@@ -37,12 +44,17 @@ import paramiko
 import tenacity
 from fabric import Connection
 
-from homeclust.errors import ApplyError, ConnectError, HostKeyChangedError, LockError
+from homeclust.errors import ApplyError, ConnectError, HostKeyChangedError, Interrupted, LockError
 from homeclust.inventory import Inventory, Node
 
 log = logging.getLogger("homeclust.ssh")
 
 KEEPALIVE_SECONDS = 15
+#: Seconds the admin side waits beyond a command's own limit (enforced on the host)
+#: before it gives up on the answer.
+TIMEOUT_MARGIN = 15.0
+#: Exit code of ``timeout`` when it stopped a command.
+TIMED_OUT = 124
 
 
 @dataclass(frozen=True)
@@ -62,9 +74,11 @@ class Host(Protocol):
 
     node: Node
 
-    def run(self, script: str, *, timeout: float | None = None) -> CommandResult: ...
+    def run(self, script: str, *, timeout: float | None = None,
+            interruptible: bool = True) -> CommandResult: ...
 
-    def hold_lock(self, path: str, owner: str) -> LockHandle: ...
+    def hold_lock(self, path: str, owner: str, run_id: str, *, wait: float = 0.0
+                  ) -> LockHandle: ...
 
     def close(self) -> None: ...
 
@@ -74,7 +88,13 @@ class LockHandle(Protocol):
 
 
 class Connector(Protocol):
-    """Opens hosts: ``open`` reuses a live connection, ``reopen`` makes a new one."""
+    """Opens hosts: ``open`` reuses a live connection, ``reopen`` makes a new one.
+
+    ``cancel`` is set when the run is interrupted: waits end early with
+    :class:`~homeclust.errors.Interrupted`.
+    """
+
+    cancel: threading.Event
 
     def open(self, node: Node) -> Host: ...
 
@@ -204,12 +224,14 @@ class SshHost:
     """One authenticated SSH connection to a node (for workers: through the master)."""
 
     def __init__(self, node: Node, connection: Connection, *, sudo: bool,
-                 command_timeout: float, channel_timeout: float) -> None:
+                 command_timeout: float, channel_timeout: float,
+                 cancel: threading.Event | None = None) -> None:
         self.node = node
         self.connection = connection
         self.sudo = sudo
         self.command_timeout = command_timeout
         self.channel_timeout = channel_timeout
+        self.cancel = cancel or threading.Event()
 
     @property
     def transport(self) -> paramiko.Transport:
@@ -222,30 +244,55 @@ class SshHost:
         transport = self.connection.transport
         return transport is not None and bool(transport.is_active())
 
-    def _shell(self) -> str:
+    def _command(self, timeout: float) -> str:
         # $SSH_CONNECTION is expanded by the login shell before sudo strips the
         # environment; scripts read it as $1 (the firewall's lockout check needs it).
-        shell = 'sh -s -- "$SSH_CONNECTION"'
+        # ``timeout`` makes the host stop the script at its limit, whether or not
+        # we are still there to hear about it.
+        shell = (f'timeout -k 10 {max(1, int(timeout))} sh -s -- "$SSH_CONNECTION"')
         return f"sudo -n -- {shell}" if self.sudo else shell
 
-    def run(self, script: str, *, timeout: float | None = None) -> CommandResult:
-        """Run ``script`` with ``sh -s`` on the host and wait (bounded) for it."""
-        timeout = timeout or self.command_timeout
-        start = time.monotonic()
+    def _open_channel(self, command: str) -> paramiko.Channel:
+        """A session channel running ``command``; every wait bounded by channel_timeout."""
         try:
             channel = self.transport.open_session(timeout=self.channel_timeout)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise ConnectError(f"{self.node.name}: cannot open a session: {exc}") from None
+        # exec_command waits for the server's answer without a time limit: a server
+        # that never answers would hang us.  Closing the channel ends that wait.
+        watchdog = threading.Timer(self.channel_timeout, channel.close)
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            channel.exec_command(self._shell())
-            stdout, stderr, code = _pump(channel, script.encode(), start + timeout)
-        except TimeoutError:
+            channel.exec_command(command)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
             channel.close()
+            raise ConnectError(f"{self.node.name}: the server did not start the command "
+                               f"within {self.channel_timeout:.0f} s: {exc}") from None
+        finally:
+            watchdog.cancel()
+        return channel
+
+    def run(self, script: str, *, timeout: float | None = None,
+            interruptible: bool = True) -> CommandResult:
+        """Run ``script`` with ``sh -s`` on the host and wait (bounded) for it."""
+        timeout = timeout or self.command_timeout
+        start = time.monotonic()
+        if interruptible and self.cancel.is_set():
+            raise Interrupted(f"{self.node.name}: interrupted")
+        channel = self._open_channel(self._command(timeout))
+        try:
+            stdout, stderr, code = _pump(channel, script.encode(), start + timeout + TIMEOUT_MARGIN,
+                                         self.cancel if interruptible else None)
+        except TimeoutError:
             raise ApplyError(
-                f"{self.node.name}: command did not finish within {timeout:.0f} s"
-            ) from None
+                f"{self.node.name}: no answer within {timeout:.0f} s (the host stops the command "
+                "by itself at that limit)") from None
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise ConnectError(f"{self.node.name}: connection lost: {exc}") from None
+        except Interrupted:
+            raise Interrupted(f"{self.node.name}: interrupted while a command was running "
+                              f"(the host stops it within {timeout:.0f} s at the latest)") from None
         finally:
             channel.close()
         text_err = stderr.decode("utf-8", "replace")
@@ -255,29 +302,29 @@ class SshHost:
                 hint="homeclust needs passwordless sudo for the [ssh] user "
                 "(e.g. `user ALL=(ALL) NOPASSWD: ALL` in /etc/sudoers.d/), or log in as root",
             )
+        if code == TIMED_OUT:
+            raise ApplyError(f"{self.node.name}: the command did not finish within "
+                             f"{timeout:.0f} s and was stopped on the host:\n"
+                             f"{stdout.decode('utf-8', 'replace')[-800:]}")
         return CommandResult(code, stdout.decode("utf-8", "replace"), text_err,
                              time.monotonic() - start)
 
-    def hold_lock(self, path: str, owner: str) -> _ChannelLock:
-        """Take an exclusive lock on the host, held as long as a channel stays open.
+    def hold_lock(self, path: str, owner: str, run_id: str, *, wait: float = 0.0
+                  ) -> _ChannelLock:
+        """Take the exclusive run lock on the host, held as long as a channel stays open.
 
         ``flock`` runs in a session that waits for our stdin to close; if this
         process dies or the connection drops, sshd closes the session and the
-        kernel releases the lock -- no stale locks.
+        kernel releases the lock -- no stale locks.  A *claim* file (see
+        :func:`claim_script`) reserves the lock for one run while its guarded
+        change replaces the master's connection: other runs are refused until
+        it expires, the claiming run passes and removes it.
         """
-        info = shlex.quote(path + ".owner")
-        inner = (
-            f"printf '%s\\n' {shlex.quote(owner)} > {info}; echo LOCKED; exec cat >/dev/null"
-        )
-        command = (
-            f"flock -n -E 75 {shlex.quote(path)} sh -c {shlex.quote(inner)}; rc=$?; "
-            f"if [ $rc = 75 ]; then echo BUSY; cat {info} 2>/dev/null; fi; exit $rc"
-        )
+        command = lock_command(path, owner, run_id, wait)
         if self.sudo:
             command = f"sudo -n -- sh -c {shlex.quote(command)}"
-        channel = self.transport.open_session(timeout=self.channel_timeout)
-        channel.exec_command(command)
-        deadline = time.monotonic() + self.channel_timeout
+        channel = self._open_channel(command)
+        deadline = time.monotonic() + self.channel_timeout + wait
         data = b""
         while not data.startswith(b"LOCKED\n"):
             if channel.recv_ready():
@@ -295,12 +342,22 @@ class SshHost:
         if text.startswith("LOCKED"):
             return _ChannelLock(channel)
         channel.close()
-        if text.startswith("BUSY"):
-            holder = text.partition("\n")[2].strip() or "unknown"
+        first, _, rest = text.partition("\n")
+        if first.startswith("BUSY"):
             raise LockError(
-                f"another homeclust run holds the cluster lock on {self.node.name} ({holder})",
+                f"another homeclust run holds the cluster lock on {self.node.name} "
+                f"({rest.strip() or 'unknown'})",
                 hint="wait for it to finish; the lock is released when that run's SSH "
                 "connection closes",
+            )
+        if first.startswith("CLAIMED"):
+            seconds = first.split()[-1]
+            raise LockError(
+                f"another homeclust run ({rest.strip() or 'unknown'}) is in the middle of a "
+                f"guarded change on {self.node.name}; the lock is reserved for it for "
+                f"{seconds} s more",
+                hint="wait for it: if that run was interrupted, the host rolls the change back "
+                "by itself before the reservation ends",
             )
         raise ConnectError(f"{self.node.name}: cannot take the run lock: {text.strip()}")
 
@@ -309,6 +366,42 @@ class SshHost:
             self.connection.close()
         except Exception:  # closing a broken connection must never mask the real error
             log.debug("error closing %s", self.node.name, exc_info=True)
+
+
+def lock_command(path: str, owner: str, run_id: str, wait: float = 0.0) -> str:
+    """The shell command that takes the run lock and holds it while stdin stays open.
+
+    Prints ``LOCKED``; or ``BUSY`` and the holder; or ``CLAIMED <run> <seconds>``
+    and the holder when another run's claim is still valid.
+    """
+    lock, info, claim = (shlex.quote(path + suffix) for suffix in ("", ".owner", ".claim"))
+    inner = (
+        f"now=$(date +%s); "
+        f"if [ -f {claim} ]; then read run until < {claim}; "
+        f"if [ \"$run\" != {shlex.quote(run_id)} ] && [ \"$now\" -lt \"${{until:-0}}\" ]; then "
+        f"echo \"CLAIMED $run $((until - now))\"; cat {info} 2>/dev/null; exit 76; fi; "
+        f"rm -f {claim}; fi; "
+        f"printf '%s\\n' {shlex.quote(owner)} > {info}; echo LOCKED; exec cat >/dev/null"
+    )
+    how = f"-w {max(1, int(wait))}" if wait > 0 else "-n"
+    return (
+        f"flock {how} -E 75 {lock} sh -c {shlex.quote(inner)}; rc=$?; "
+        f"if [ $rc = 75 ]; then echo BUSY; cat {info} 2>/dev/null; fi; exit $rc"
+    )
+
+
+def claim_script(path: str, run_id: str, seconds: int) -> str:
+    """Reserve the run lock for ``run_id`` for ``seconds`` (written while holding it)."""
+    claim = shlex.quote(path + ".claim")
+    return (f"printf '%s %s\\n' {shlex.quote(run_id)} \"$(( $(date +%s) + {int(seconds)} ))\" "
+            f"> {claim}.tmp && mv -f {claim}.tmp {claim}")
+
+
+def unclaim_script(path: str, run_id: str) -> str:
+    """Drop ``run_id``'s claim (only its own)."""
+    claim = shlex.quote(path + ".claim")
+    return (f"if [ -f {claim} ] && [ \"$(cut -d' ' -f1 {claim})\" = {shlex.quote(run_id)} ]; "
+            f"then rm -f {claim}; fi; true")
 
 
 class _ChannelLock:
@@ -323,8 +416,8 @@ class _ChannelLock:
             log.debug("error releasing lock", exc_info=True)
 
 
-def _pump(channel: paramiko.Channel, stdin: bytes, deadline: float
-          ) -> tuple[bytes, bytes, int]:
+def _pump(channel: paramiko.Channel, stdin: bytes, deadline: float,
+          cancel: threading.Event | None = None) -> tuple[bytes, bytes, int]:
     """Feed ``stdin`` and collect stdout/stderr until the command exits or the deadline."""
     out: list[bytes] = []
     err: list[bytes] = []
@@ -352,6 +445,8 @@ def _pump(channel: paramiko.Channel, stdin: bytes, deadline: float
             return b"".join(out), b"".join(err), channel.recv_exit_status()
         if time.monotonic() > deadline:
             raise TimeoutError
+        if cancel is not None and cancel.is_set():
+            raise Interrupted("interrupted")
         if channel.closed and not channel.exit_status_ready():
             raise EOFError("channel closed before the command finished")
         if not progressed:
@@ -373,6 +468,7 @@ class SshConnector:
         self.attempts = attempts
         self.on_retry = on_retry or (lambda message: log.warning("%s", message))
         self.keys = PinnedHostKeys(inventory.ssh.known_hosts)
+        self.cancel = threading.Event()
         self._hosts: dict[str, SshHost] = {}
         self._lock = threading.Lock()
         self._master_lock = threading.Lock()
@@ -448,11 +544,16 @@ class SshConnector:
                 f"(attempt {state.attempt_number + 1}): {exc}"
             )
 
+        def sleep(seconds: float) -> None:
+            if self.cancel.wait(seconds):
+                raise Interrupted(f"{label}: interrupted while reconnecting")
+
         retrying = tenacity.Retrying(
             stop=stop,
             wait=tenacity.wait_exponential(multiplier=0.5, max=5),
             retry=tenacity.retry_if_exception(_is_retryable),
             before_sleep=before_sleep,
+            sleep=sleep,
             reraise=True,
         )
         return retrying(self._connect_once, node)
@@ -496,5 +597,5 @@ class SshConnector:
         transport.set_keepalive(KEEPALIVE_SECONDS)
         return SshHost(
             node, connection, sudo=ssh.uses_sudo, command_timeout=ssh.command_timeout,
-            channel_timeout=ssh.connect_timeout,
+            channel_timeout=ssh.connect_timeout, cancel=self.cancel,
         )

@@ -187,10 +187,33 @@ def replace_table(current: str | None, table: str, rendered: str) -> str:
     )
 
 
-def restore_command(rendered: str, *, ipv6: bool = False) -> str:
-    """Load one table atomically (tables not in the input are left alone)."""
-    tool = "ip6tables-restore" if ipv6 else "iptables-restore"
-    return f"{tool} <<'HOMECLUST_RULES_EOF'\n{rendered}HOMECLUST_RULES_EOF"
+def restore_command(rendered: str, *, ipv6: bool = False, keep_foreign: bool = False) -> str:
+    """Load one table atomically (tables not in the input are left alone).
+
+    ``keep_foreign``: the chains of other tools (fail2ban's ``f2b-*`` with
+    their bans) and the rules jumping to them are read from the live table at
+    that moment and loaded again with ours, so re-applying the firewall never
+    lifts a ban.  Their jumps come first, as fail2ban inserts them.
+    """
+    tool = "ip6tables" if ipv6 else "iptables"
+    if not keep_foreign:
+        return f"{tool}-restore <<'HOMECLUST_RULES_EOF'\n{rendered}HOMECLUST_RULES_EOF"
+    lines = rendered.splitlines(keepends=True)
+    header = "".join(line for line in lines if line.startswith(("*", ":")))
+    body = "".join(line for line in lines if not line.startswith(("*", ":")))
+    table = lines[0].strip().lstrip("*")
+    names = "|".join(prefix.rstrip("-") + "-" for prefix in FOREIGN_CHAIN_PREFIXES)
+    return (
+        f"hc_live=$({tool}-save -t {table} 2>/dev/null)\n"
+        "{\n"
+        f"cat <<'HOMECLUST_RULES_EOF'\n{header}HOMECLUST_RULES_EOF\n"
+        f"printf '%s\\n' \"$hc_live\" | grep -E '^:({names})' | "
+        "sed -E 's/\\[[0-9]+:[0-9]+\\]$/[0:0]/'\n"
+        f"printf '%s\\n' \"$hc_live\" | grep -E '^-A [A-Z]+ .*-j ({names})'\n"
+        f"printf '%s\\n' \"$hc_live\" | grep -E '^-A ({names})'\n"
+        f"cat <<'HOMECLUST_RULES_EOF'\n{body}HOMECLUST_RULES_EOF\n"
+        f"}} | {tool}-restore"
+    )
 
 
 def chain_policy(table_text: str | None, chain: str) -> str | None:

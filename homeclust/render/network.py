@@ -336,46 +336,61 @@ def interface_files(backend: NetworkBackend, specs: Sequence[InterfaceSpec],
     return NetworkFiles(files, depends, tuple(warnings))
 
 
-def reapply_command(backend: NetworkBackend, interfaces: Sequence[str]) -> str:
-    """Bring ``interfaces`` up with whatever configuration is on disk now.
+def takedown_command(backend: NetworkBackend, interfaces: Sequence[str]) -> str:
+    """Take ``interfaces`` down with the configuration that is on disk *now*.
 
-    Used both to apply the new configuration and, after the old files are
-    restored, to roll back -- so it must not depend on which one is on disk:
-    the interface is taken down, its addresses flushed, and brought up again.
+    Runs before new files are written (and, in a rollback, before the old ones
+    are put back): a DHCP client must release its lease under the identity it
+    obtained it with.  A router that keys leases by client identity ignores a
+    release sent under a new client id, keeps the old lease, and may have no
+    address left for the new identity.  Never fails: an interface that is
+    already down is fine.
     """
-    if backend == "netplan":
-        return "netplan generate && netplan apply"
     if backend in ("nm-ifcfg", "nm-keyfile"):
-        prefix = "homeclust-" if backend == "nm-keyfile" else ""
-        ups = " && ".join(f"nmcli connection up {shlex.quote(prefix + i)}" for i in interfaces)
-        return f"nmcli connection reload && {ups}"
+        # NetworkManager releases the lease of the active profile on disconnect.
+        return "; ".join(f"nmcli device disconnect {shlex.quote(i)} >/dev/null 2>&1"
+                         for i in interfaces) + "; true"
+    if backend == "netplan":
+        # systemd-networkd sends the release (SendRelease= defaults to yes) on link down.
+        return "; ".join(f"networkctl down {shlex.quote(i)} >/dev/null 2>&1 || "
+                         f"ip link set {shlex.quote(i)} down" for i in interfaces) + "; true"
     down = "ifdown --force" if backend == "ifupdown" else "ifdown"
-    downs = []
+    steps = []
     for name in interfaces:
         q = shlex.quote(name)
-        # A dhclient left over from a DHCP configuration would re-add its lease.
+        # A dhclient that ifdown did not know about would keep (and later re-add) its lease.
         pidfile = shlex.quote(f"/run/dhclient.{name}.pid")
-        downs.append(
+        steps.append(
             f"{down} {q} >/dev/null 2>&1; "
             f"if [ -f {pidfile} ]; then kill \"$(cat {pidfile})\" 2>/dev/null; rm -f {pidfile}; fi; "
             f"ip addr flush dev {q}"
         )
-    ups = " && ".join(f"ifup {shlex.quote(name)}" for name in interfaces)
+    return "; ".join(steps) + "; true"
+
+
+def bringup_command(backend: NetworkBackend, interfaces: Sequence[str]) -> str:
+    """Bring ``interfaces`` up with the configuration on disk now (new, or restored)."""
+    if backend == "netplan":
+        return "netplan generate && netplan apply"
+    if backend in ("nm-ifcfg", "nm-keyfile"):
+        # Reload first: NetworkManager must see files written (or put back) since.
+        connects = " && ".join(f"nmcli device connect {shlex.quote(i)}" for i in interfaces)
+        return f"nmcli connection reload && {connects}"
     prefix = ""
     if backend == "ifcfg":
         # CentOS 7 installs NetworkManager too: make it re-read NM_CONTROLLED=no
         # before the network scripts take the interface over.
         prefix = ("if nmcli -t general status >/dev/null 2>&1; then "
                   "nmcli connection reload; fi; ")
-    return prefix + "; ".join(downs) + "; " + ups
+    return prefix + " && ".join(f"ifup {shlex.quote(name)}" for name in interfaces)
 
 
-def restore_command(backend: NetworkBackend, interfaces: Sequence[str]) -> str:
-    """Re-apply after the previous files were put back (rollback)."""
-    if backend in ("nm-ifcfg", "nm-keyfile"):
-        connects = "; ".join(f"nmcli device connect {shlex.quote(i)}" for i in interfaces)
-        return f"nmcli connection reload; {connects}"
-    return reapply_command(backend, interfaces)
+def addresses_command(interfaces: Sequence[str]) -> str:
+    """What the interfaces got (for the report when a trial configuration is rolled back)."""
+    return "; ".join(
+        f"printf '%s: %s\\n' {shlex.quote(i)} "
+        f"\"$(ip -o -4 addr show dev {shlex.quote(i)} 2>/dev/null | awk '{{print $4}}' | "
+        f"tr '\\n' ' ' | sed 's/ *$//')\"" for i in interfaces)
 
 
 # --------------------------------------------------------------------------- names

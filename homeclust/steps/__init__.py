@@ -16,7 +16,9 @@ from homeclust.steps.nat import NatStep
 from homeclust.steps.network import NetworkStep
 
 #: Registry order is the documented order; dependencies must point backwards.
-REGISTRY: dict[str, Step] = {step.name: step for step in (NetworkStep(), NatStep(), FirewallStep())}
+REGISTRY: dict[str, Step] = {
+    step.name: step for step in (NetworkStep(), FirewallStep(), NatStep())
+}
 
 
 def _check_registry() -> None:

@@ -1,10 +1,15 @@
 """What a step is: a name, its dependencies, its targets and a pure planner.
 
-A step reads an :class:`PlanContext` (inventory + this host's facts + what is
-known about the other hosts) and returns a :class:`StepPlan`: the changes that
-would bring the host to the inventory's state, warnings, and -- for steps
-that can cut the admin off -- a :class:`Guard` telling the runner how to undo
-them if the host does not come back.  Planning never does I/O.
+A step declares what it needs to know about a host (:meth:`Step.fact_query`:
+files, units, packages, sysctls, step-specific facts -- only what it manages),
+reads a :class:`PlanContext` (inventory + this host's facts + what is known
+about the other hosts) and returns a :class:`StepPlan`: the changes that would
+bring the host to the inventory's state, warnings, and -- for the part that
+can cut someone off -- the ``guarded`` changes with a :class:`Guard` telling
+the runner how to undo them if the host does not come back.  Everything else
+(packages, files that are not live yet) is in ``changes`` and is applied and
+checked *before* the guard's timer starts, so a slow mirror never rolls back a
+good change.  Planning never does I/O.
 
 ``check`` builds on the same planner: a host whose plan is empty is in sync;
 otherwise the plan *is* the drift.  Steps may add behaviour probes: a script
@@ -19,8 +24,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from homeclust.changes import Change, FileChange, diff_text
-from homeclust.facts import HostFacts
+from homeclust.changes import Change, FileChange, ServiceChange, diff_text
+from homeclust.errors import StepError
+from homeclust.facts import FactQuery, HostFacts
 from homeclust.inventory import Inventory, Node
 from homeclust.platforms import Platform, platform_of
 
@@ -46,16 +52,26 @@ class PlanContext:
 
 @dataclass(frozen=True)
 class Guard:
-    """How to survive a change that may cut the admin off (see homeclust.safety).
+    """How to survive the guarded part of a plan, which may cut someone off
+    (see homeclust.safety).
 
-    Files changed by the plan are always backed up and restored; ``snapshot``
-    saves any further state into ``$HC_TXN/backup`` and ``restore`` brings it
-    back (after the files).  ``rollback_after`` is when the host undoes the
-    change by itself unless homeclust confirms through a new connection.
+    The engine saves and restores by itself the files the guarded changes
+    write and the state (enabled/masked, running) of the units they touch.
+    ``snapshot`` saves any further state into ``$HC_TXN/backup``;
+    ``pre_restore`` runs first when rolling back, while the trial files are
+    still in place (e.g. take an interface down with the configuration it was
+    brought up with); ``restore`` runs after the files and units are back.
+    ``rollback_after`` counts from the moment the guarded changes start: the
+    host undoes them by itself unless homeclust confirms through a new
+    connection in time.  ``settle`` is how long to wait before trying.
     """
 
     snapshot: str = ""
+    pre_restore: str = ""
     restore: str = ""
+    #: Prints what the trial state achieved (e.g. the addresses an interface got);
+    #: captured before a rollback, so the report can say why the trial failed.
+    trial: str = ""
     rollback_after: int = 30
     settle: float = 0.0
     reason: str = ""
@@ -63,21 +79,41 @@ class Guard:
 
 @dataclass(frozen=True)
 class StepPlan:
+    """What a step would change on one host.
+
+    ``changes`` are applied first, unguarded (packages, files that are not
+    live yet, anything that cannot cut anyone off); ``guarded`` are applied
+    after them under ``guard``, all at once, detached from the SSH session.
+    """
+
     step: str
     host: str
     changes: tuple[Change, ...] = ()
     warnings: tuple[str, ...] = ()
     guard: Guard | None = None
+    guarded: tuple[Change, ...] = ()
+
+    def __post_init__(self) -> None:
+        if bool(self.guarded) != (self.guard is not None):
+            raise StepError(f"{self.host}: {self.step}: guarded changes need a guard and a "
+                            "guard needs guarded changes (planner bug)")
 
     @property
     def has_changes(self) -> bool:
-        return bool(self.changes)
+        return bool(self.changes or self.guarded)
+
+    @property
+    def all_changes(self) -> tuple[Change, ...]:
+        return self.changes + self.guarded
 
     def descriptions(self) -> list[str]:
-        return [c.description for c in self.changes]
+        return [c.description for c in self.all_changes]
 
     def diff(self) -> str:
-        return diff_text(self.changes)
+        return diff_text(self.all_changes)
+
+    def guarded_units(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(c.unit for c in self.guarded if isinstance(c, ServiceChange)))
 
 
 CheckStatus = Literal["pass", "fail", "warn"]
@@ -108,8 +144,15 @@ class Step(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     depends_on: ClassVar[tuple[str, ...]] = ()
-    #: Files (globs allowed) this step needs in the facts.
-    fact_paths: ClassVar[tuple[str, ...]] = ()
+
+    def fact_query(self, inventory: Inventory) -> FactQuery:
+        """What this step needs to know about a host: only what it manages."""
+        return FactQuery()
+
+    def worker_packages(self, inventory: Inventory, family: str) -> tuple[str, ...]:
+        """Packages this step installs on workers (the repo step serves them all);
+        ``family`` is ``"debian"`` or ``"rhel"``."""
+        return ()
 
     def enabled(self, inventory: Inventory) -> bool:
         """Whether this step exists for this inventory (e.g. torque vs slurm)."""
@@ -137,29 +180,34 @@ class Step(ABC):
 
 
 def file_change(facts: HostFacts, path: str, content: str | None, *, mode: int = 0o644,
-                owner: str = "root", group: str = "root") -> FileChange | None:
+                owner: str = "root", group: str = "root", secret: bool = False
+                ) -> FileChange | None:
     """The change that makes ``path`` hold ``content`` (None: absent), or None if it does."""
     current = facts.files.get(path)
+    # A file is secret if the facts say so (read as secret) or the caller does.
+    secret = secret or (current is not None and current.secret)
     if content is None:
         if current is None:
             return None
-        return FileChange(path, None, current.text, reason="taken over by homeclust")
+        return FileChange(path, None, current.text, reason="taken over by homeclust",
+                          secret=secret)
     if current is None:
-        return FileChange(path, content, None, mode, owner, group)
+        return FileChange(path, content, None, mode, owner, group, secret=secret)
     if current.content is None:
         # Too big to be sent with the facts: known to differ only by its hash.
         if current.sha256 != hashlib.sha256(content.encode()).hexdigest():
             return FileChange(path, content, None, mode, owner, group,
-                              "replaces a file too large to show as a diff")
+                              "replaces a file too large to show as a diff", secret=secret)
     elif current.content != content.encode():
-        return FileChange(path, content, current.text, mode, owner, group)
+        return FileChange(path, content, current.text, mode, owner, group, secret=secret)
     reasons = []
     if current.mode != mode:
         reasons.append(f"mode {current.mode:o} -> {mode:o}")
     if (current.owner, current.group) != (owner, group):
         reasons.append(f"owner {current.owner}:{current.group} -> {owner}:{group}")
     if reasons:
-        return FileChange(path, content, current.text, mode, owner, group, "; ".join(reasons))
+        return FileChange(path, content, current.text, mode, owner, group, "; ".join(reasons),
+                          secret=secret)
     return None
 
 

@@ -23,6 +23,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 from homeclust.changes import Change
 from homeclust.errors import StepError
+from homeclust.facts import FactQuery
 from homeclust.inventory import Inventory, Node
 from homeclust.render.iptables import (
     chain_policy,
@@ -31,12 +32,15 @@ from homeclust.render.iptables import (
     render_filter_table,
 )
 from homeclust.steps.base import CheckItem, Guard, PlanContext, Step, StepPlan
-from homeclust.steps.netfilter import persistence_changes, table_changes
+from homeclust.steps.netfilter import (
+    NETFILTER_FACTS,
+    competitor_changes,
+    loader_packages,
+    loader_services,
+    table_changes,
+)
 
 ROLLBACK_AFTER = 30
-
-# fail2ban rebuilds its chains when restarted; do it after we swapped the table.
-_AFTER_RESTORE = "systemctl try-restart fail2ban.service >/dev/null 2>&1 || true"
 
 
 def admin_path_allowed(inventory: Inventory, node: Node, client: IPv4Address | IPv6Address,
@@ -66,9 +70,10 @@ def admin_path_allowed(inventory: Inventory, node: Node, client: IPv4Address | I
 class FirewallStep(Step):
     name = "firewall"
     summary = "default-deny iptables policies, persistent, with lockout protection"
-    depends_on = ("network", "nat")
-    fact_paths = ("/etc/iptables/rules.v4", "/etc/sysconfig/iptables",
-                  "/etc/iptables/rules.v6", "/etc/sysconfig/ip6tables")
+    depends_on = ("network",)
+
+    def fact_query(self, inventory: Inventory) -> FactQuery:
+        return NETFILTER_FACTS
 
     def plan(self, ctx: PlanContext) -> StepPlan:
         inventory, node, facts = ctx.inventory, ctx.node, ctx.facts
@@ -91,30 +96,32 @@ class FirewallStep(Step):
         services = [platform.firewall_service]
         if facts.ipv6:
             services.append(platform.firewall6_service)
-        changes: list[Change] = []
-        changes += persistence_changes(ctx, services)
-        table, live_differs = table_changes(ctx, "filter", render_filter_table(inventory, node),
-                                            after_restore=_AFTER_RESTORE)
-        changes += table
-        snapshot = ['iptables-save > "$HC_TXN/backup/iptables.rules"']
+        # Competing managers go first: stopping ufw resets the policies to ACCEPT.
+        guarded: list[Change] = competitor_changes(ctx)
+        table, _ = table_changes(ctx, "filter", render_filter_table(inventory, node),
+                                 keep_foreign=True)
+        guarded += table
+        snapshot = ['iptables-save -t filter > "$HC_TXN/backup/iptables.rules"']
         restore = ['iptables-restore < "$HC_TXN/backup/iptables.rules"']
         if facts.ipv6:
             # Without this, IPv6 would be a way around every IPv4 rule.
-            table6, live6_differs = table_changes(
-                ctx, "filter", render_filter6_table(inventory, node), ipv6=True)
-            changes += table6
-            live_differs = live_differs or live6_differs
-            snapshot.append('ip6tables-save > "$HC_TXN/backup/ip6tables.rules"')
+            table6, _ = table_changes(ctx, "filter", render_filter6_table(inventory, node),
+                                      ipv6=True, keep_foreign=True)
+            guarded += table6
+            snapshot.append('ip6tables-save -t filter > "$HC_TXN/backup/ip6tables.rules"')
             restore.append('ip6tables-restore < "$HC_TXN/backup/ip6tables.rules"')
-        guard = None
-        if live_differs:
-            guard = Guard(
-                snapshot="\n".join(snapshot),
-                restore="\n".join(restore),
-                rollback_after=ROLLBACK_AFTER,
-                reason="a new filter table may block SSH",
-            )
-        return StepPlan(self.name, node.name, tuple(changes), (), guard)
+        # The loaders are enabled last, once the files they load say what we want.
+        guarded += loader_services(ctx, services)
+        if not guarded:
+            return StepPlan(self.name, node.name, tuple(loader_packages(ctx)))
+        guard = Guard(
+            snapshot="\n".join(snapshot),
+            restore="\n".join(restore),
+            rollback_after=ROLLBACK_AFTER,
+            reason="a new filter table may block SSH",
+        )
+        return StepPlan(self.name, node.name, tuple(loader_packages(ctx)), (), guard,
+                        tuple(guarded))
 
     def posture(self, ctx: PlanContext) -> list[CheckItem]:
         """Independent of drift: is the live policy default-deny, is forwarding one-way?"""

@@ -8,6 +8,13 @@
   the keys exist when systemd-sysctl runs.
 * The nat table (``MASQUERADE`` of the private network out of the public
   interface) loaded live and saved in the persistent rules file.
+* Forwarding is never turned on while the master's filter table -- live or as
+  saved for the next boot -- lets the public side forward into the private
+  network: the step runs after the firewall step and refuses when the
+  FORWARD chain is not default-deny, so ``up --only nat`` on a fresh master
+  (or after a firewall that was refused, failed or rolled back) changes
+  nothing instead of opening the private network.  It never touches other
+  firewall managers either: that is the firewall step's job, under its guard.
 
 Unlike the guide, nothing is appended to ``/etc/sysctl.conf`` (appending is
 not idempotent) and no table is flushed that another step owns.
@@ -19,10 +26,16 @@ import shlex
 
 from homeclust.changes import Change, CommandChange
 from homeclust.errors import StepError
+from homeclust.facts import FactQuery
 from homeclust.inventory import Inventory, Node
-from homeclust.render.iptables import chain_rules, render_nat_table
+from homeclust.render.iptables import chain_policy, chain_rules, render_nat_table, split_rules_file
 from homeclust.steps.base import CheckItem, PlanContext, Probe, Step, StepPlan, file_change
-from homeclust.steps.netfilter import persistence_changes, table_changes
+from homeclust.steps.netfilter import (
+    NETFILTER_FACTS,
+    loader_packages,
+    loader_services,
+    table_changes,
+)
 
 SYSCTL_PATH = "/etc/sysctl.d/90-homeclust-nat.conf"
 MODULES_PATH = "/etc/modules-load.d/homeclust-nat.conf"
@@ -63,8 +76,11 @@ def render_modules_conf() -> str:
 class NatStep(Step):
     name = "nat"
     summary = "IP forwarding, conntrack tuning, MASQUERADE on the master"
-    depends_on = ("network",)
-    fact_paths = (SYSCTL_PATH, MODULES_PATH, "/etc/iptables/rules.v4", "/etc/sysconfig/iptables")
+    depends_on = ("network", "firewall")
+
+    def fact_query(self, inventory: Inventory) -> FactQuery:
+        return NETFILTER_FACTS | FactQuery(paths=frozenset({SYSCTL_PATH, MODULES_PATH}),
+                                           sysctls=frozenset(desired_sysctls(inventory)))
 
     def targets(self, inventory: Inventory, node: Node) -> bool:
         return node.is_master
@@ -75,9 +91,18 @@ class NatStep(Step):
             raise StepError(
                 f"{ctx.node.name}: public interface {inventory.master.public_interface} "
                 "does not exist", hint="run the network step first, or fix [master] public_interface")
+        open_forward = forward_not_default_deny(ctx)
+        if open_forward:
+            raise StepError(
+                f"{ctx.node.name}: refusing to turn on forwarding: {open_forward}, so the "
+                "master would route the public side into the private network",
+                hint="run the firewall step first: homeclust up --only firewall,nat; "
+                "nothing was changed",
+            )
         changes: list[Change] = []
         warnings: list[str] = []
-        changes += persistence_changes(ctx, [platform.firewall_service])
+        changes += loader_packages(ctx)
+        changes += loader_services(ctx, [platform.firewall_service])
         for path, content in (
             (SYSCTL_PATH, render_sysctl_conf(inventory, dash_prefix=platform.sysctl_dash_prefix)),
             (MODULES_PATH, render_modules_conf()),
@@ -115,19 +140,44 @@ class NatStep(Step):
         if not ctx.node.is_master:
             return []
         forward = ctx.facts.sysctls.get("net.ipv4.ip_forward")
+        forwarding = forward is not None and forward.value == "1"
         masquerade = [r for r in chain_rules(ctx.facts.iptables.get("nat"), "POSTROUTING")
                       if "MASQUERADE" in r]
-        return [
-            CheckItem(ctx.node.name, "ip forwarding", "pass" if forward and forward.value == "1"
-                      else "fail", f"net.ipv4.ip_forward = {forward.value if forward else '?'}",
+        items = [
+            CheckItem(ctx.node.name, "ip forwarding", "pass" if forwarding else "fail",
+                      f"net.ipv4.ip_forward = {forward.value if forward else '?'}",
                       "homeclust up --only nat"),
             CheckItem(ctx.node.name, "masquerade", "pass" if masquerade else "fail",
                       masquerade[0] if masquerade else "no MASQUERADE rule in nat POSTROUTING",
                       "homeclust up --only nat"),
         ]
+        if forwarding:
+            open_forward = forward_not_default_deny(ctx)
+            items.append(CheckItem(
+                ctx.node.name, "forwarding behind default-deny",
+                "fail" if open_forward else "pass",
+                f"forwarding is on but {open_forward}" if open_forward else
+                "forwarding is on and FORWARD is default-deny, live and at boot",
+                "homeclust up --only firewall"))
+        return items
 
     def probes(self, ctx: PlanContext) -> list[Probe]:
         return [egress_probe(ctx)]
+
+
+def forward_not_default_deny(ctx: PlanContext) -> str | None:
+    """Why the master's FORWARD chain is not default-deny, live or at the next boot (or None)."""
+    facts, platform = ctx.facts, ctx.platform
+    live = chain_policy(facts.iptables.get("filter"), "FORWARD")
+    if live != "DROP":
+        return f"the live FORWARD policy is {live or 'ACCEPT (no filter table)'}"
+    saved_file = facts.file_text(platform.firewall_rules_path)
+    saved = dict(split_rules_file(saved_file or "")).get("filter")
+    if chain_policy(saved, "FORWARD") != "DROP":
+        where = platform.firewall_rules_path
+        return (f"{where} would load FORWARD policy "
+                f"{chain_policy(saved, 'FORWARD') or 'ACCEPT (no filter table)'} at boot")
+    return None
 
 
 def egress_probe(ctx: PlanContext) -> Probe:

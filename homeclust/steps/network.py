@@ -19,18 +19,20 @@ from __future__ import annotations
 import fnmatch
 import shlex
 
-from homeclust.changes import Change, CommandChange, FileChange
+from homeclust.changes import Change, CommandChange
 from homeclust.errors import StepError
-from homeclust.facts import HostFacts
+from homeclust.facts import FactQuery, HostFacts
 from homeclust.inventory import Inventory
+from homeclust.platforms import ALL_NETWORK_FACT_PATHS, SECRET_NETWORK_FACT_PATHS
 from homeclust.render.network import (
     InterfaceSpec,
+    addresses_command,
+    bringup_command,
     interface_files,
     interface_specs,
-    reapply_command,
     render_hostname,
     render_hosts,
-    restore_command,
+    takedown_command,
 )
 from homeclust.steps.base import CheckItem, Guard, PlanContext, Step, StepPlan, file_change
 
@@ -73,7 +75,13 @@ def live_differences(spec: InterfaceSpec, facts: HostFacts, inventory: Inventory
 class NetworkStep(Step):
     name = "network"
     summary = "interface configuration, hostnames, /etc/hosts"
-    fact_paths = ("/etc/hosts", "/etc/hostname")
+
+    def fact_query(self, inventory: Inventory) -> FactQuery:
+        return FactQuery(
+            paths=frozenset({"/etc/hosts", "/etc/hostname", *ALL_NETWORK_FACT_PATHS}),
+            # NetworkManager keyfiles and netplan YAML can hold Wi-Fi/802.1X secrets.
+            secret_paths=frozenset(SECRET_NETWORK_FACT_PATHS),
+        )
 
     def plan(self, ctx: PlanContext) -> StepPlan:
         inventory, node, facts, platform = ctx.inventory, ctx.node, ctx.facts, ctx.platform
@@ -94,13 +102,11 @@ class NetworkStep(Step):
         }
         rendered = interface_files(platform.network_backend, specs, existing,
                                    has_resolvconf=facts.has_command("resolvconf"))
+        config_changes = {
+            path: change for path, file_spec in rendered.files.items()
+            if (change := file_change(facts, path, file_spec.content, mode=file_spec.mode))
+        }
         changes: list[Change] = []
-        for path, file_spec in rendered.files.items():
-            change = file_change(facts, path, file_spec.content, mode=file_spec.mode)
-            if change is not None:
-                changes.append(change)
-        changed = {c.path for c in changes if isinstance(c, FileChange)}
-
         for path, content in (("/etc/hostname", render_hostname(node)),
                               ("/etc/hosts", render_hosts(inventory, facts.file_text("/etc/hosts")))):
             change = file_change(facts, path, content)
@@ -115,28 +121,39 @@ class NetworkStep(Step):
 
         reapply: list[str] = []
         reasons: list[str] = []
+        live_files: set[str] = set()
         for spec in specs:
+            deps = set(rendered.depends.get(spec.name, ()))
             live = live_differences(spec, facts, inventory)
-            config_changed = bool(changed & set(rendered.depends.get(spec.name, ())))
+            config_changed = bool(deps & set(config_changes))
             if config_changed or live:
                 reapply.append(spec.name)
+                live_files |= deps
                 why = "configuration changed" if config_changed else ", ".join(live)
                 reasons.append(f"{spec.name}: {why}")
-        guard = None
-        if reapply:
-            backend = platform.network_backend
-            changes.append(CommandChange(
-                f"re-apply {', '.join(reapply)} ({'; '.join(reasons)})",
-                reapply_command(backend, reapply),
-                detached=True,
-            ))
-            guard = Guard(
-                restore=restore_command(backend, reapply),
-                rollback_after=ROLLBACK_AFTER,
-                settle=3.0,
-                reason=f"re-applying {', '.join(reapply)} may cut the SSH session",
-            )
-        return StepPlan(self.name, node.name, tuple(changes), rendered.warnings, guard)
+        # Files that decide how an interface comes up are written under the guard,
+        # between taking the interface down (old configuration) and bringing it up.
+        changes += [c for path, c in config_changes.items() if path not in live_files]
+        if not reapply:
+            return StepPlan(self.name, node.name, tuple(changes), rendered.warnings)
+        backend = platform.network_backend
+        guarded: list[Change] = [
+            CommandChange(f"take down {', '.join(reapply)} with the configuration it runs now",
+                          takedown_command(backend, reapply)),
+            *(c for path, c in config_changes.items() if path in live_files),
+            CommandChange(f"bring up {', '.join(reapply)} ({'; '.join(reasons)})",
+                          bringup_command(backend, reapply)),
+        ]
+        guard = Guard(
+            pre_restore=takedown_command(backend, reapply),
+            restore=bringup_command(backend, reapply),
+            trial=addresses_command(reapply),
+            rollback_after=ROLLBACK_AFTER,
+            settle=3.0,
+            reason=f"re-applying {', '.join(reapply)} may cut the SSH session",
+        )
+        return StepPlan(self.name, node.name, tuple(changes), rendered.warnings, guard,
+                        tuple(guarded))
 
     def posture(self, ctx: PlanContext) -> list[CheckItem]:
         items = []

@@ -158,21 +158,22 @@ def test_a_second_run_is_refused_while_one_holds_the_lock(lab: Lab,
     connector = SshConnector(inventory)
     try:
         master = connector.open(inventory.master_node)
-        lock = master.hold_lock("/run/homeclust.lock", "another admin, pid 4242")
-        done = homeclust(lab_inventory_path, "up", "--only", "nat")
+        lock = master.hold_lock("/run/homeclust.lock", "another admin, pid 4242", "other-run")
+        done = homeclust(lab_inventory_path, "up", "--only", "firewall", "--host", "master")
         assert done.returncode == 1
         assert "another homeclust run holds the cluster lock" in done.stdout + done.stderr
         assert "another admin, pid 4242" in done.stdout + done.stderr
         # plan and check only read: they do not need the lock.
-        assert homeclust(lab_inventory_path, "plan", "--only", "nat").returncode in (0, 3)
+        assert homeclust(lab_inventory_path, "plan", "--only", "firewall").returncode in (0, 3)
         lock.release()
     finally:
         connector.close()
     # Released (here: by closing the channel; a crashed run's connection drops the same way):
-    # the next run takes the lock.  The master's nat step is the change (pristine lab).
+    # the next run takes the lock.  The master's firewall is the change (pristine lab).
     try:
-        code, data = homeclust_json(lab_inventory_path, "up", "--only", "nat")
+        code, data = homeclust_json(lab_inventory_path, "up", "--only", "firewall", "--host",
+                                    "master")
         assert code == 0, data
-        assert statuses(data)[("master", "nat")] == "changed"
+        assert statuses(data)[("master", "firewall")] == "changed"
     finally:
         lab.reset("master")  # the other lab tests expect a pristine master

@@ -281,8 +281,9 @@ def test_firewall_that_blocks_ssh_is_rolled_back(configured: Lab, lab_inventory_
     result = api.run("up", lab_inventory_path,
                      api.Options(only=("firewall",), hosts=("master",)))
     outcome = result.outcome("master", "firewall")
-    assert outcome is not None and outcome.status == "failed", outcome
+    assert outcome is not None and outcome.status == "rolled-back", outcome
     assert "rolled back" in (outcome.error or "")
+    assert "a fresh plan shows the same changes as before" in (outcome.error or "")
     assert result.exit_code() == 1
     after = sh(configured, "master", "iptables-save -t filter | grep -v '^#' | sed 's/\\[.*\\]//'")
     assert after == before
@@ -314,8 +315,10 @@ def test_network_change_that_strands_a_worker_is_rolled_back(
     result = api.run("up", lab_inventory_path,
                      api.Options(only=("network",), hosts=("worker3",)))
     outcome = result.outcome("worker3", "network")
-    assert outcome is not None and outcome.status == "failed", outcome
+    assert outcome is not None and outcome.status == "rolled-back", outcome
     assert "rolled back" in (outcome.error or "")
+    # The report says what the trial configuration got.
+    assert "trial state: eth0: 192.168.10.99/24" in (outcome.error or "")
     monkeypatch.undo()
     after = snapshot(configured, "worker3")
     assert after["addresses"] == before["addresses"]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from homeclust.facts import HostFacts, parse_facts
+from homeclust.facts import FactQuery, HostFacts, parse_facts
 from homeclust.inventory import Inventory, parse_inventory
 
 MARKER = "@@homeclust-fact@@"
@@ -39,8 +39,8 @@ MARKER = "@@homeclust-fact@@"
 #: The sections in the order gather_script prints them.
 SECTIONS = (
     "os-release", "hostname", "virt", "ssh-connection", "links", "addresses", "addresses6",
-    "ipv6", "routes", "iptables-version", "iptables-save", "ip6tables-save", "sysctl",
-    "packages", "unit-files", "active-units", "commands", "transactions", "files", "end",
+    "ipv6", "routes", "commands", "transactions", "iptables-version", "iptables-save",
+    "ip6tables-save", "sysctl", "packages", "units", "files", "end",
 )
 
 #: Files the script sends by hash only are those larger than this (MAX_FILE_CONTENT).
@@ -61,6 +61,7 @@ class FileRecord:
     group: str = "root"
     too_big: bool = False  # report "-" instead of the content, as for files over 256 KiB
     digest: str | None = None  # default: the sha256 of content
+    secret: bool = False  # an "S" record: read for planning, never logged
 
     @property
     def sha256(self) -> str:
@@ -85,7 +86,9 @@ def file_lines(files: Mapping[str, FileRecord]) -> str:
     out = []
     for path in sorted(files):
         record = files[path]
-        out.append(f"F\t{path}\t{record.mode:o}\t{record.owner}\t{record.group}\t{record.sha256}")
+        kind = "S" if record.secret else "F"
+        out.append(f"{kind}\t{path}\t{record.mode:o}\t{record.owner}\t{record.group}\t"
+                   f"{record.sha256}")
         too_big = record.too_big or len(record.content) > TOO_BIG
         out.append("-" if too_big else base64.b64encode(record.content).decode())
     return "".join(line + "\n" for line in out)
@@ -106,6 +109,31 @@ def sysctl_lines(values: Mapping[str, tuple[str, str] | None]) -> str:
 def dpkg_lines(packages: Mapping[str, str], status: str = "ii ") -> str:
     """What ``dpkg-query -W -f='${db:Status-Abbrev}\\t${Package}\\t${Version}\\n'`` prints."""
     return "".join(f"{status}\t{name}\t{version}\n" for name, version in packages.items())
+
+
+def unit_lines(units: Mapping[str, tuple[str, bool] | None]) -> str:
+    """What ``systemctl show -p Names -p LoadState -p UnitFileState -p ActiveState`` prints:
+    ``unit -> (unit file state, active)``, or ``None`` for a unit that does not exist."""
+    blocks = []
+    for unit, state in units.items():
+        if state is None:
+            blocks.append(f"Names={unit}\nLoadState=not-found\nActiveState=inactive\n"
+                          "UnitFileState=\n")
+        else:
+            enabled, active = state
+            load = "masked" if enabled == "masked" else "loaded"
+            blocks.append(f"Names={unit}\nLoadState={load}\n"
+                          f"ActiveState={'active' if active else 'inactive'}\n"
+                          f"UnitFileState={enabled}\n")
+    return "\n".join(blocks)
+
+
+def set_units(text: str, units: Mapping[str, tuple[str, bool] | None]) -> str:
+    """A ``units`` section with some units' blocks replaced or added."""
+    blocks = [b for b in re.split(r"\n\s*\n", text.strip()) if b.strip()]
+    kept = [b for b in blocks if not any(line in (f"Names={u}" for u in units)
+                                         for line in b.splitlines())]
+    return "\n".join([*(b + "\n" for b in kept), unit_lines(units)])
 
 
 def rpm_lines(packages: Mapping[str, str]) -> str:
@@ -135,7 +163,7 @@ class FactsBuilder:
         new_sections = dict(self.sections)
         for key, text in sections.items():
             name = key.replace("_", "-")
-            if name not in SECTIONS or name in ("files", "end"):
+            if (name not in SECTIONS and not name.startswith("x-")) or name in ("files", "end"):
                 raise KeyError(f"unknown facts section {name!r}")
             new_sections[name] = text
         new_files = dict(self.files)
@@ -161,6 +189,9 @@ class FactsBuilder:
         parts = []
         for name in SECTIONS:
             if name == "end":
+                # Step-specific facts come last, before the end marker.
+                for extra in sorted(n for n in self.sections if n.startswith("x-")):
+                    parts.append(f"\n{MARKER} {extra}\n{_body(self.sections[extra])}")
                 if self.complete:
                     parts.append(f"\n{MARKER} end\n")
                 continue
@@ -168,9 +199,14 @@ class FactsBuilder:
             parts.append(f"\n{MARKER} {name}\n{body}")
         return "".join(parts)
 
-    def facts(self) -> HostFacts:
-        """The parsed facts (the parser runs on the built text)."""
-        return parse_facts(self.build())
+    def with_units(self, units: Mapping[str, tuple[str, bool] | None]) -> FactsBuilder:
+        """A copy where these units have this state (``None``: no such unit)."""
+        return self.but(units=set_units(self.sections.get("units", ""), units))
+
+    def facts(self, query: FactQuery | None = None) -> HostFacts:
+        """The parsed facts (the parser runs on the built text); ``query`` parses
+        step-specific facts (``x-`` sections)."""
+        return parse_facts(self.build(), query)
 
     def file_text(self, path: str) -> str:
         return self.files[path].text
@@ -181,7 +217,7 @@ def build(*, os_release: str = "", hostname: str = "", virt: str = "none", ssh_c
           routes: str = "", iptables_version: str = "",
           iptables_save: str = "", ip6tables_save: str = "",
           sysctl: str | Mapping[str, tuple[str, str] | None] = "",
-          packages: str = "", unit_files: str = "", active_units: str = "",
+          packages: str = "", units: str = "",
           commands: Iterable[str] = (), transactions: Iterable[str] = (),
           files: Mapping[str, str | bytes | FileRecord] | None = None, complete: bool = True) -> str:
     """Raw facts output from keyword arguments (see the module docstring)."""
@@ -189,9 +225,8 @@ def build(*, os_release: str = "", hostname: str = "", virt: str = "none", ssh_c
         os_release=os_release, hostname=hostname, virt=virt, ssh_connection=ssh_connection,
         links=links, addresses=addresses, addresses6=addresses6, ipv6=ipv6, routes=routes,
         iptables_version=iptables_version, iptables_save=iptables_save,
-        ip6tables_save=ip6tables_save, sysctl=sysctl, packages=packages, unit_files=unit_files,
-        active_units=active_units, commands=commands, transactions=transactions, files=files,
-        complete=complete,
+        ip6tables_save=ip6tables_save, sysctl=sysctl, packages=packages, units=units,
+        commands=commands, transactions=transactions, files=files, complete=complete,
     ).build()
 
 
@@ -200,7 +235,7 @@ def builder(*, os_release: str = "", hostname: str = "", virt: str = "none",
             addresses6: str = "", ipv6: str = "no", routes: str = "",
             iptables_version: str = "", iptables_save: str = "", ip6tables_save: str = "",
             sysctl: str | Mapping[str, tuple[str, str] | None] = "", packages: str = "",
-            unit_files: str = "", active_units: str = "", commands: Iterable[str] = (),
+            units: str = "", commands: Iterable[str] = (),
             transactions: Iterable[str] = (),
             files: Mapping[str, str | bytes | FileRecord] | None = None,
             complete: bool = True) -> FactsBuilder:
@@ -220,8 +255,7 @@ def builder(*, os_release: str = "", hostname: str = "", virt: str = "none",
         "ip6tables-save": ip6tables_save,
         "sysctl": sysctl if isinstance(sysctl, str) else sysctl_lines(sysctl),
         "packages": packages,
-        "unit-files": unit_files,
-        "active-units": active_units,
+        "units": units,
         "commands": "".join(c + "\n" for c in commands),
         "transactions": "".join(t + "\n" for t in transactions),
     }
@@ -240,22 +274,22 @@ def parse_recorded(text: str) -> FactsBuilder:
     if parts[0].strip():
         raise ValueError("a facts output starts with its first section marker")
     bodies = dict(zip(parts[1::2], parts[2::2], strict=True))
-    unknown = set(bodies) - set(SECTIONS)
+    unknown = {n for n in bodies if not n.startswith("x-")} - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown sections in the recording: {sorted(unknown)}")
     files: dict[str, FileRecord] = {}
     file_body = bodies.pop("files", "").split("\n")
     for index, line in enumerate(file_body):
-        if not line.startswith("F\t"):
+        if not line.startswith(("F\t", "S\t")):
             continue
-        _, path, mode, owner, group, digest = line.split("\t")
+        kind, path, mode, owner, group, digest = line.split("\t")
         encoded = file_body[index + 1]
         too_big = encoded == "-"
         content = b"" if too_big else base64.b64decode(encoded)
         if not too_big and hashlib.sha256(content).hexdigest() != digest:
             raise ValueError(f"{path}: sha256 in the recording does not match its content")
         files[path] = FileRecord(content, int(mode, 8), owner, group, too_big,
-                                 digest if too_big else None)
+                                 digest if too_big else None, kind == "S")
     complete = "end" in bodies
     bodies.pop("end", None)
     return FactsBuilder(bodies, files, complete)
@@ -334,10 +368,6 @@ def golden_text(relative: str) -> str:
     return (GOLDEN / relative).read_text()
 
 
-def _unit_line(unit: str, state: str, preset: str = "enabled") -> str:
-    return f"{unit:<40} {state:<15} {preset}"
-
-
 def converged(name: str) -> FactsBuilder:
     """A recorded host after homeclust's network, nat and firewall steps, as facts would see it.
 
@@ -386,12 +416,7 @@ def converged(name: str) -> FactsBuilder:
         ).add_lines(
             "packages", *dpkg_lines({"iptables-persistent": "1.0.20",
                                      "netfilter-persistent": "1.0.20"}).splitlines(),
-        ).add_lines(
-            "unit_files", _unit_line("netfilter-persistent.service", "enabled"),
-        ).add_lines(
-            "active_units", "netfilter-persistent.service loaded active exited "
-                            "netfilter persistent configuration",
-        )
+        ).with_units({"netfilter-persistent.service": ("enabled", True)})
     if name == "debian12-worker":
         return fresh.but(
             files={
@@ -407,17 +432,10 @@ def converged(name: str) -> FactsBuilder:
         ).add_lines(
             "packages", *dpkg_lines({"iptables-persistent": "1.0.20",
                                      "netfilter-persistent": "1.0.20"}).splitlines(),
-        ).add_lines("unit_files", _unit_line("netfilter-persistent.service", "enabled"))
+        ).with_units({"netfilter-persistent.service": ("enabled", False)})
     if name == "rocky9-master":
         keyfiles = "network/nm-keyfile/master/etc/NetworkManager/system-connections/"
         directory = "/etc/NetworkManager/system-connections/"
-        unit_files = "".join(
-            (_unit_line("firewalld.service", "masked") if line.split()[0] == "firewalld.service"
-             else line) + "\n"
-            for line in fresh.sections["unit-files"].splitlines())
-        active_units = "".join(
-            line + "\n" for line in fresh.sections["active-units"].splitlines()
-            if not line.startswith("firewalld.service"))
         return fresh.but(
             files={
                 directory + "eth0.nmconnection": None,
@@ -437,8 +455,6 @@ def converged(name: str) -> FactsBuilder:
             iptables_save=save,
             ip6tables_save=fixture_text(f"iptables/{name}-converged6.save"),
             sysctl=sysctl_lines(master_sysctls),
-            unit_files=unit_files,
-            active_units=active_units,
             commands="".join(c + "\n" for c in (
                 "systemd-run", "systemctl", "flock", "iptables", "iptables-save", "iptables-restore",
                 "ip6tables", "nmcli", "hostnamectl", "dnf", "yum", "rpm", "sha256sum", "base64",
@@ -446,13 +462,9 @@ def converged(name: str) -> FactsBuilder:
         ).add_lines(
             "packages", *rpm_lines({"iptables-nft": "1.8.10-4.el9_4",
                                     "iptables-services": "1.8.10-4.el9_4"}).splitlines(),
-        ).add_lines(
-            "unit_files", _unit_line("iptables.service", "enabled", "disabled"),
-            _unit_line("ip6tables.service", "enabled", "disabled"),
-        ).add_lines(
-            "active_units", "iptables.service loaded active exited IPv4 firewall with iptables",
-            "ip6tables.service loaded active exited IPv6 firewall with ip6tables",
-        )
+        ).with_units({"firewalld.service": ("masked", False),
+                      "iptables.service": ("enabled", True),
+                      "ip6tables.service": ("enabled", True)})
     if name == "centos7-worker":
         return fresh.but(
             files={
@@ -467,3 +479,33 @@ def converged(name: str) -> FactsBuilder:
             iptables_save=save,
         )
     raise KeyError(f"no converged state for {name}")
+
+
+def _without_table(text: str, table: str) -> str:
+    """iptables-save text (or a rules file) without one table's block."""
+    out, skipping = [], False
+    for line in text.splitlines(keepends=True):
+        if line.strip() == f"*{table}":
+            skipping = True
+            continue
+        if skipping:
+            if line.strip() == "COMMIT":
+                skipping = False
+            continue
+        out.append(line)
+    return "".join(out)
+
+
+def after_firewall(name: str) -> FactsBuilder:
+    """A recorded host after the firewall step only: the converged filter tables, rules files
+    with the filter table alone, the loader installed and enabled -- but no NAT yet."""
+    fresh, done = recorded(name), converged(name)
+    rules_files = ("/etc/iptables/rules.v4", "/etc/sysconfig/iptables")
+    files: dict[str, FileArg] = {
+        path: FileRecord(_without_table(done.files[path].text, "nat").encode(), 0o600)
+        for path in rules_files if path in done.files}
+    for path in ("/etc/sysctl.d/90-homeclust-nat.conf", "/etc/modules-load.d/homeclust-nat.conf"):
+        files[path] = fresh.files.get(path)
+    return done.but(files=files,
+                    iptables_save=_without_table(done.sections["iptables-save"], "nat"),
+                    sysctl=fresh.sections.get("sysctl", ""))

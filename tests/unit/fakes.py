@@ -66,7 +66,8 @@ class FakeHost:
         self.cluster = cluster
         self.node = node
 
-    def run(self, script: str, *, timeout: float | None = None) -> CommandResult:
+    def run(self, script: str, *, timeout: float | None = None,
+            interruptible: bool = True) -> CommandResult:
         purpose = script.splitlines()[0].removeprefix("# homeclust:")
         call = Call(self.node.name, purpose, time.monotonic())
         with self.cluster._lock:
@@ -95,7 +96,7 @@ class FakeHost:
             out.append(f"{CHANGE_MARKER} {index} changed")
         return CommandResult(0, "\n".join(out) + "\n", "", 0.0)
 
-    def hold_lock(self, path: str, owner: str) -> FakeLock:
+    def hold_lock(self, path: str, owner: str, run_id: str, *, wait: float = 0.0) -> FakeLock:
         self.cluster.locks.append(self.node.name)
         return FakeLock(self.cluster, self.node.name)
 
@@ -116,6 +117,7 @@ class FakeConnector:
     def __init__(self, cluster: FakeCluster) -> None:
         self.cluster = cluster
         self.opened: list[str] = []
+        self.cancel = threading.Event()
 
     def open(self, node: Node) -> FakeHost:
         self.opened.append(node.name)

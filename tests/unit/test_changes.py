@@ -48,7 +48,6 @@ class Run:
     code: int
     output: str
     outcomes: list[ChangeOutcome]
-    detached: list[str]
 
     @property
     def statuses(self) -> list[str]:
@@ -57,15 +56,10 @@ class Run:
 
 def run(changes: Sequence[Change], tmp_path: Path, shell: str, *, stop_on_failure: bool = True,
         before: str = "") -> Run:
-    detach = tmp_path / "detach.list"
-    detach.unlink(missing_ok=True)
     script = before + render_batch(changes, stop_on_failure=stop_on_failure)
-    result = subprocess.run([shell], input=script, capture_output=True, text=True, timeout=30,
-                            env={**os.environ, "HC_DETACH": str(detach)})
+    result = subprocess.run([shell], input=script, capture_output=True, text=True, timeout=30)
     assert result.stderr == ""  # the batch sends everything to stdout (exec 2>&1)
-    detached = detach.read_text().splitlines() if detach.exists() else []
-    return Run(result.returncode, result.stdout, parse_batch_output(result.stdout, len(changes)),
-               detached)
+    return Run(result.returncode, result.stdout, parse_batch_output(result.stdout, len(changes)))
 
 
 @pytest.fixture(params=SHELLS)
@@ -253,16 +247,6 @@ def test_multi_line_command_with_a_heredoc(tmp_path: Path, shell: str) -> None:
     assert target.read_text() == table
 
 
-def test_detached_commands_are_collected_not_run(tmp_path: Path, shell: str) -> None:
-    command = f"touch {tmp_path}/reapplied; echo 'it''s quoted'"
-    changes: list[Change] = [CommandChange("re-apply eth0", command, detached=True),
-               CommandChange("next", "echo next")]
-    result = run(changes, tmp_path, shell)
-    assert result.statuses == ["changed", "changed"]
-    assert not (tmp_path / "reapplied").exists()
-    assert result.detached == [command]
-
-
 def test_service_changes_run_through_systemctl(tmp_path: Path, shell: str) -> None:
     log = tmp_path / "systemctl.log"
     fake = f'systemctl() {{ echo "$*" >> {log}; }}\n'
@@ -378,19 +362,6 @@ def test_file_path_with_a_space_is_written(tmp_path: Path) -> None:
     change = FileChange(str(path), "ok\n", None)
     assert run([change], tmp_path, "/bin/sh").statuses == ["changed"]
     assert path.read_text() == "ok\n"
-
-
-def test_detached_command_without_a_queue_fails_instead_of_vanishing(tmp_path: Path) -> None:
-    changes: list[Change] = [CommandChange("re-apply eth0", "echo reapply", detached=True),
-                             CommandChange("next", "echo next")]
-    script = render_batch(changes)
-    env = {k: v for k, v in os.environ.items() if k != "HC_DETACH"}
-    result = subprocess.run(["/bin/sh"], input=script, capture_output=True, text=True, timeout=30,
-                            env=env)
-    outcomes = parse_batch_output(result.stdout, len(changes))
-    assert result.returncode == 1
-    assert [o.status for o in outcomes] == ["failed", "not-run"]
-    assert "HC_DETACH" in outcomes[0].output
 
 
 from homeclust.facts import FileFact, HostFacts  # noqa: E402

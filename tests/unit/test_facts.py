@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -14,10 +15,14 @@ import pytest
 from homeclust.errors import FactError
 from homeclust.facts import (
     COMMANDS,
+    REDACTED,
+    Fact,
+    FactQuery,
     Route,
     ServiceState,
     SshPeer,
     Sysctl,
+    Transaction,
     gather_script,
     normalize_iptables,
     parse_facts,
@@ -26,7 +31,8 @@ from homeclust.facts import (
     parse_os_release,
     parse_packages,
     parse_routes,
-    parse_services,
+    parse_units,
+    redact_facts_output,
     summarize,
 )
 from homeclust.platforms import Platform, detect, platform_of
@@ -40,6 +46,7 @@ from tests.unit.factsbuilder import (
     recorded,
     recorded_text,
     rpm_lines,
+    unit_lines,
 )
 
 RECORDINGS = sorted(p.stem for p in (FIXTURES / "facts").glob("*.txt"))
@@ -72,11 +79,11 @@ def test_recording_round_trips_through_the_builder(name: str) -> None:
 @pytest.mark.parametrize("name", RECORDINGS)
 def test_recording_parses_completely(name: str) -> None:
     facts = parse_facts(recorded_text(name))
-    assert facts.hostname and facts.interfaces and facts.routes and facts.packages
+    assert facts.hostname and facts.interfaces and facts.routes
     assert facts.services and facts.files and facts.commands and facts.ssh_peer
     assert set(facts.sysctls) == {"net.ipv4.ip_forward", "net.netfilter.nf_conntrack_max",
                                   "net.netfilter.nf_conntrack_tcp_timeout_established"}
-    assert facts.pending_transactions == ()
+    assert facts.transactions == ()
     summary = summarize(facts)
     assert summary["hostname"] == facts.hostname
 
@@ -340,16 +347,18 @@ def test_dpkg_only_installed_packages_count() -> None:
 
 
 def test_packages_of_recordings() -> None:
-    ubuntu = recorded("ubuntu2204-master").facts().packages
-    assert ubuntu["netplan.io"] == "0.106.1-7ubuntu0.22.04.2"
-    assert "linux-image-5.15.0-91-generic" not in ubuntu  # removed, config files left ("rc")
-    assert "linux-image-5.15.0-97-generic" in ubuntu
+    # Only the packages the steps ask about are recorded (the query names them).
+    ubuntu = parse_packages(dpkg_lines({"netplan.io": "0.106.1-7ubuntu0.22.04.2"})
+                            + dpkg_lines({"linux-image-5.15.0-91-generic": "5.15.0-91.101"}, "rc ")
+                            + "dpkg-query: no packages found matching iptables-persistent\n")
+    assert ubuntu == {"netplan.io": "0.106.1-7ubuntu0.22.04.2"}  # "rc": only config files left
     debian = recorded("debian12-master").facts().packages
     assert debian["iptables"] == "1.8.9-2" and "iptables-persistent" not in debian
     centos = recorded("centos7-worker").facts().packages
     assert centos["iptables-services"] == "1.4.21-35.el7"
     rocky = recorded("rocky9-master").facts().packages
-    assert rocky["firewalld"] == "1.2.5-2.el9" and "iptables-nft" not in rocky
+    assert "iptables-nft" not in rocky
+    assert parse_packages("package iptables-nft is not installed\n") == {}
 
 
 def test_rpm_packages() -> None:
@@ -363,37 +372,33 @@ def test_rpm_packages() -> None:
 
 def test_services_enabled_and_active() -> None:
     rocky = recorded("rocky9-master").facts()
-    assert rocky.services["firewalld.service"] == ServiceState("enabled", True)
     assert rocky.service_enabled("firewalld") and rocky.service_active("firewalld")
-    assert not rocky.service_enabled("iptables") and not rocky.service_active("iptables")
+    assert not rocky.service_exists("iptables") and not rocky.service_active("iptables")
     centos = recorded("centos7-worker").facts()
-    assert centos.services["firewalld.service"] == ServiceState("disabled", False)
     assert centos.service_enabled("iptables") and centos.service_active("iptables.service")
-    # A SysV service has no unit file but is active.
-    assert centos.services["network.service"] == ServiceState("", True)
     debian = recorded("debian12-master").facts()
-    assert debian.service_enabled("ssh") and debian.service_active("ssh")
-    assert debian.service_enabled("sshd")  # an alias of ssh.service
-    assert not debian.service_enabled("nftables") and not debian.service_active("nftables")
-    assert debian.service_active("ifup@eth0.service")
-    assert not debian.service_enabled("netfilter-persistent")
-    assert debian.service_active("apt-daily.timer")
+    assert not debian.service_exists("netfilter-persistent")
     assert recorded("ubuntu2204-master").facts().service_enabled("ufw")
 
 
-def test_masked_services_are_not_enabled_and_bullets_are_stripped() -> None:
-    services = parse_services(
-        "firewalld.service                        masked          enabled\n"
-        "iptables.service                         enabled-runtime disabled\n",
-        "● iptables.service loaded active exited IPv4 firewall with iptables\n",
-    )
-    assert services["firewalld.service"] == ServiceState("masked", False)
-    assert services["iptables.service"] == ServiceState("enabled-runtime", True)
-    facts = parse_facts(build(
-        os_release=os_release("rocky", "9.3", "rhel"),
-        unit_files="firewalld.service masked enabled\n",
-    ))
-    assert not facts.service_enabled("firewalld")
+def test_units_parse_every_name_masked_and_missing_units() -> None:
+    units = parse_units(
+        "Names=ssh.service sshd.service\nLoadState=loaded\nActiveState=active\n"
+        "UnitFileState=enabled\n\n"
+        "Names=firewalld.service\nLoadState=masked\nActiveState=inactive\nUnitFileState=\n\n"
+        "Names=nginx.service\nLoadState=not-found\nActiveState=inactive\nUnitFileState=\n"
+        "\nNames=munge.service\nLoadState=loaded\nActiveState=reloading\n"
+        "UnitFileState=enabled-runtime\n")
+    assert units["ssh.service"] == units["sshd.service"] == ServiceState("enabled", True)
+    assert units["firewalld.service"] == ServiceState("masked", False)
+    assert units["nginx.service"] == ServiceState("", False, loaded=False)
+    assert units["munge.service"] == ServiceState("enabled-runtime", True)
+    facts = parse_facts(build(os_release=os_release("debian", "12"), units=unit_lines({
+        "sshd.service": ("enabled", True), "firewalld.service": ("masked", False),
+        "nginx.service": None})))
+    assert facts.service_enabled("sshd") and facts.service_active("sshd.service")
+    assert not facts.service_enabled("firewalld") and facts.service_exists("firewalld")
+    assert not facts.service_exists("nginx") and not facts.service_enabled("nginx")
 
 
 # --------------------------------------------------------------------------- files
@@ -462,29 +467,69 @@ def test_incomplete_output_is_a_fact_error() -> None:
         parse_facts("")
 
 
-def test_pending_transactions_and_commands() -> None:
+def test_transactions_and_commands() -> None:
     facts = builder(os_release=os_release("debian", "12"), commands=["systemd-run", "iptables"],
-                    transactions=["20240304T110217-firewall"]).facts()
-    assert facts.pending_transactions == ("20240304T110217-firewall",)
+                    transactions=["firewall-20240304110217-ab12cd\tarmed\t1709550167\t1709550150",
+                                  "ssh-keys-20240304110217-ef34ab\trolledback\t\t1709550150",
+                                  "garbage"]).facts()
+    assert facts.transactions == (
+        Transaction("firewall-20240304110217-ab12cd", "armed", 1709550167, 1709550150),
+        Transaction("ssh-keys-20240304110217-ef34ab", "rolledback", None, 1709550150))
+    assert facts.transactions[0].seconds_left == 17
     assert facts.has_command("systemd-run") and not facts.has_command("nmcli")
 
 
 # --------------------------------------------------------------------------- the real script
 
 
-def test_gather_script_rejects_paths_that_need_quoting() -> None:
+def test_fact_query_rejects_names_that_need_quoting() -> None:
     for bad in ("relative/path", "/etc/$(reboot)", "/etc/a b", "/etc/x;y"):
         with pytest.raises(ValueError):
-            gather_script([bad])
+            FactQuery(paths=frozenset({bad}))
+    with pytest.raises(ValueError):
+        FactQuery(packages=frozenset({"nginx; reboot"}))
+    with pytest.raises(ValueError):
+        FactQuery(units=frozenset({"nginx"}))  # a full unit name is needed
+    with pytest.raises(ValueError):
+        FactQuery(sysctls=frozenset({"net.ipv4.ip_forward=1"}))
+    with pytest.raises(ValueError):
+        Fact("Bad Name", "true", str)
 
 
-@pytest.mark.skipif(not all(shutil.which(c) for c in ("stat", "sha256sum", "base64", "tr", "wc")),
+def test_queries_combine_and_conflicting_facts_are_refused() -> None:
+    users = Fact("users", "getent passwd", str.splitlines)
+    a = FactQuery(paths=frozenset({"/etc/a"}), units=frozenset({"a.service"}), extra=(users,))
+    b = FactQuery(packages=frozenset({"b"}), netfilter=True, extra=(users,))
+    both = a | b
+    assert both.paths == {"/etc/a"} and both.units == {"a.service"} and both.packages == {"b"}
+    assert both.netfilter and both.extra == (users,)
+    with pytest.raises(ValueError, match="two different facts"):
+        _ = a | FactQuery(extra=(Fact("users", "cat /etc/passwd", str.splitlines),))
+
+
+def test_the_script_asks_only_for_what_the_query_names() -> None:
+    """Facts cost what homeclust manages: nothing lists every unit or package."""
+    small = gather_script(FactQuery())
+    for costly in ("list-unit-files", "list-units", "rpm -q", "dpkg-query -W", "systemctl show",
+                   "sec iptables-save", "sec files", "sec sysctl"):
+        assert costly not in small, costly
+    script = gather_script(FactQuery(packages=frozenset({"nginx", "munge"}),
+                                     units=frozenset({"nginx.service"}), netfilter=True))
+    assert "dpkg-query -W -f='${db:Status-Abbrev}\\t${Package}\\t${Version}\\n' -- munge nginx" \
+        in script
+    assert "rpm -q --qf" in script and "rpm -qa" not in script
+    assert "systemctl show --no-pager -p Names -p LoadState -p UnitFileState -p ActiveState " \
+        "-- nginx.service" in script
+    assert "iptables-save" in script
+
+
+@pytest.mark.skipif(not all(shutil.which(c) for c in ("stat", "sha256sum", "base64", "tr")),
                     reason="needs coreutils")
-def test_gather_script_runs_and_its_files_section_parses(tmp_path: Path) -> None:
+def test_gather_script_runs_and_its_sections_parse(tmp_path: Path) -> None:
     """Run the real (read-only) facts script here, on files made for the test.
 
-    Only the files section and the ssh argument are checked: this machine's
-    interfaces and packages are whatever they are.
+    Only the sections made for the test are checked: this machine's interfaces
+    and packages are whatever they are.
     """
     config = tmp_path / "conf"
     config.mkdir()
@@ -492,21 +537,46 @@ def test_gather_script_runs_and_its_files_section_parses(tmp_path: Path) -> None
     (config / "b.conf").write_bytes(b"")
     (config / "c.conf").write_bytes(b"\x00\x01binary\n")
     os.chmod(config / "a.conf", 0o600)
+    (config / "wifi.key").write_text("psk=hunter2\n")
     big = tmp_path / "big.bin"
     big.write_bytes(b"z" * (256 * 1024 + 1))
-    script = gather_script([f"{config}/*.conf", str(big), "/nonexistent/homeclust-*.conf"])
-    result = subprocess.run(["/bin/sh", "-s", "10.77.0.50 51234 10.77.0.10 22"], input=script,
-                            capture_output=True, text=True, timeout=60, check=True)
-    facts = parse_facts(result.stdout)
+    words = Fact("words", f"cat {config}/a.conf; echo second line", str.split)
+    query = FactQuery(
+        paths=frozenset({f"{config}/*.conf", str(big), "/nonexistent/homeclust-*.conf"}),
+        secret_paths=frozenset({f"{config}/*.key"}),
+        packages=frozenset({"homeclust-no-such-package"}),
+        extra=(words,),
+    )
+    result = subprocess.run(["/bin/sh", "-s", "10.77.0.50 51234 10.77.0.10 22"],
+                            input=gather_script(query), capture_output=True, text=True,
+                            timeout=60, check=True)
+    facts = parse_facts(result.stdout, query)
     assert facts.file_text(f"{config}/a.conf") == "alpha = 1\n"
     assert facts.files[f"{config}/a.conf"].mode == 0o600
     assert facts.files[f"{config}/b.conf"].content == b""
     assert facts.files[f"{config}/c.conf"].content == b"\x00\x01binary\n"
     assert facts.files[str(big)].content is None
     assert len(facts.files[str(big)].sha256) == 64
+    assert facts.files[f"{config}/a.conf"].sha256 == hashlib.sha256(b"alpha = 1\n").hexdigest()
     assert not any(p.startswith("/nonexistent") for p in facts.files)
     assert facts.ssh_peer == SshPeer(IPv4Address("10.77.0.50"), 51234, IPv4Address("10.77.0.10"), 22)
     assert "sha256sum" in facts.commands
+    assert facts.packages == {}
+    assert facts.get(words) == ["alpha", "=", "1", "second", "line"]
+    # A secret file is read for planning, but its content never reaches the log.
+    secret = facts.files[f"{config}/wifi.key"]
+    assert secret.secret and secret.text == "psk=hunter2\n"
+    assert not facts.files[f"{config}/a.conf"].secret
+    logged = redact_facts_output(result.stdout)
+    assert "aHVudGVyMg" not in logged and "psk=hunter2" not in logged and REDACTED in logged
+    assert parse_facts(logged.replace(REDACTED, "-"), query).files[f"{config}/a.conf"].text \
+        == "alpha = 1\n"
+
+
+def test_a_fact_that_was_not_asked_for_is_an_error() -> None:
+    facts = parse_facts(build(os_release=os_release("debian", "12")))
+    with pytest.raises(FactError, match="not gathered"):
+        facts.get(Fact("users", "getent passwd", str.splitlines))
 
 
 @pytest.mark.parametrize(("output", "expected"), [

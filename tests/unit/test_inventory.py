@@ -167,7 +167,7 @@ def test_unknown_step_and_unknown_host_are_usage_errors() -> None:
 def test_steps_follow_dependencies_not_typing_order() -> None:
     inventory = parse_inventory(inv(), Path("c.toml"))
     names = [s.name for s in resolve_steps(inventory, ["firewall,network", "nat"])]
-    assert names == ["network", "nat", "firewall"]
+    assert names == ["network", "firewall", "nat"]  # nat never forwards before the firewall
     assert [s.name for s in resolve_steps(inventory, None, ["nat"])] == ["network", "firewall"]
 
 
@@ -223,3 +223,34 @@ def test_cli_usage_errors_exit_2(tmp_path: Path, args: list[str],
         main(["-i", str(write(tmp_path, GOOD)), *args])
     assert info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- cluster users
+
+
+def test_users_get_default_ids_from_2000_and_a_bash_shell() -> None:
+    inventory = parse_inventory(inv(users=[{"name": "alice"}, {"name": "bob", "uid": 3001},
+                                           {"name": "carol", "shell": "/bin/zsh"}]),
+                                Path("c.toml"))
+    assert [(u.name, u.uid, u.gid, u.shell) for u in inventory.users] == [
+        ("alice", 2000, 2000, "/bin/bash"), ("bob", 3001, 3001, "/bin/bash"),
+        ("carol", 2002, 2002, "/bin/zsh")]
+    assert parse_inventory(inv(), Path("c.toml")).users == ()
+
+
+@pytest.mark.parametrize(("users", "key", "message"), [
+    ([{"name": "Alice"}], "name", "not a valid user name"),
+    ([{"name": "al ice"}], "name", "not a valid user name"),
+    ([{"name": "root"}], "name", "system account"),
+    ([{"name": "munge"}], "name", "system account"),
+    ([{"name": "a"}, {"name": "a"}], "name", "duplicate user name"),
+    ([{"name": "a", "uid": 2100}, {"name": "b", "uid": 2100}], "uid", "duplicate uid 2100"),
+    ([{"name": "a", "uid": 50}], "uid", "at least 1000"),
+    ([{"name": "a", "shell": "bash; reboot"}], "shell", "absolute path"),
+    ([{"name": "a", "home": "/x"}], "home", "unknown key"),
+])
+def test_bad_users_are_refused_naming_the_key(users: list[dict[str, object]], key: str,
+                                              message: str) -> None:
+    with pytest.raises(InventoryError) as error:
+        parse_inventory(inv(users=users), Path("c.toml"))
+    assert f"] {key}: " in error.value.message and message in error.value.message

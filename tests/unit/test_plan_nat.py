@@ -12,6 +12,7 @@ from homeclust.render.iptables import render_nat_table, split_rules_file
 from homeclust.steps.base import PlanContext, StepPlan
 from homeclust.steps.nat import MODULES_PATH, SYSCTL_PATH, NatStep, render_modules_conf, render_sysctl_conf
 from tests.unit.factsbuilder import (
+    after_firewall,
     check_golden,
     converged,
     fixture_text,
@@ -74,18 +75,14 @@ def test_sysctl_drop_in_has_the_guide_values_and_dashes_only_where_systemd_knows
     assert render_modules_conf().splitlines()[-1] == "nf_conntrack"
 
 
-# --------------------------------------------------------------------------- fresh hosts
+# --------------------------------------------------------------------------- after the firewall
 
 
-def test_fresh_debian_master() -> None:
-    result = plan(recorded("debian12-master").facts())
-    assert result.guard is None  # NAT cannot cut the admin off
-    packages = [c for c in result.changes if isinstance(c, PackagesChange)]
-    assert [p.packages for p in packages] == [("iptables-persistent",)]
-    assert "apt-get install" in packages[0].command
-    assert packages[0].preseed and "autosave_v4 boolean false" in packages[0].preseed
-    services = [c for c in result.changes if isinstance(c, ServiceChange)]
-    assert [(s.unit, s.enable, s.mask) for s in services] == [("netfilter-persistent", True, False)]
+def test_debian_master_after_the_firewall() -> None:
+    result = plan(after_firewall("debian12-master").facts())
+    assert result.guard is None and result.guarded == ()  # NAT cannot cut the admin off
+    # The firewall step installed and enabled the loader; nat installs nothing.
+    assert not any(isinstance(c, PackagesChange | ServiceChange) for c in result.changes)
 
     written = files(result)
     assert set(written) == {SYSCTL_PATH, MODULES_PATH, "/etc/iptables/rules.v4"}
@@ -94,7 +91,8 @@ def test_fresh_debian_master() -> None:
     assert written[MODULES_PATH].content == golden_text("nat/etc/modules-load.d/homeclust-nat.conf")
     rules = written["/etc/iptables/rules.v4"]
     assert rules.mode == 0o600
-    assert [name for name, _ in split_rules_file(rules.content or "") if name] == ["nat"]
+    # The firewall's filter table stays in the file; nat adds its own.
+    assert [name for name, _ in split_rules_file(rules.content or "") if name] == ["filter", "nat"]
 
     loads = [c for c in commands(result) if "iptables-restore" in c.command]
     assert len(loads) == 1 and render_nat_table(INV) in loads[0].command
@@ -114,22 +112,16 @@ def test_fresh_debian_master() -> None:
 
 
 def test_read_only_conntrack_max_is_a_warning_not_a_change() -> None:
-    result = plan(recorded("debian12-master").facts())
+    result = plan(after_firewall("debian12-master").facts())
     assert not any("nf_conntrack_max" in c.command for c in commands(result))
     assert len(result.warnings) == 1
     assert "net.netfilter.nf_conntrack_max" in result.warnings[0]
     assert "read-only" in result.warnings[0] and "262144" in result.warnings[0]
 
 
-def test_fresh_rocky_master_replaces_firewalld_with_iptables_services() -> None:
-    result = plan(recorded("rocky9-master").facts())
-    assert kinds(result.changes)[:3] == ["packages", "service", "service"]
-    packages, firewalld, iptables = result.changes[:3]
-    assert isinstance(packages, PackagesChange)
-    assert packages.packages == ("iptables-nft", "iptables-services")
-    assert packages.command.startswith("dnf install -y") and packages.preseed is None
-    assert firewalld == ServiceChange("firewalld", enable=False, action="stop", mask=True)
-    assert iptables == ServiceChange("iptables", enable=True)
+def test_rocky_master_after_the_firewall_sets_every_key() -> None:
+    result = plan(after_firewall("rocky9-master").facts())
+    assert not any(isinstance(c, PackagesChange | ServiceChange) for c in result.changes)
     assert set(files(result)) == {SYSCTL_PATH, MODULES_PATH, "/etc/sysconfig/iptables"}
     assert files(result)["/etc/sysconfig/iptables"].mode == 0o600
     # Here conntrack is loaded and writable: all three keys are set, no warning.
@@ -139,31 +131,70 @@ def test_fresh_rocky_master_replaces_firewalld_with_iptables_services() -> None:
     assert result.warnings == ()
 
 
-def test_fresh_ubuntu_master_masks_ufw_and_loads_conntrack_for_absent_keys() -> None:
-    result = plan(recorded("ubuntu2204-master").facts())
-    services = [c for c in result.changes if isinstance(c, ServiceChange)]
-    assert ServiceChange("ufw", enable=False, action="stop", mask=True) in services
-    assert not any(s.unit == "firewalld" for s in services)
-    conntrack = [c for c in commands(result) if "nf_conntrack_max" in c.command]
-    assert len(conntrack) == 1
-    assert "(now absent)" in conntrack[0].description
-    assert conntrack[0].command.startswith("modprobe nf_conntrack")
-
-
-def test_centos7_keeps_its_filter_table_in_the_rules_file_and_has_no_dash_sysctls() -> None:
+def test_centos7_keeps_the_firewalls_filter_table_and_has_no_dash_sysctls() -> None:
     """A CentOS 7 host (recorded as a worker) planned as a master: platform knowledge only."""
-    facts = recorded("centos7-worker").facts()
+    facts = after_firewall("centos7-worker").facts()
     result = plan(facts)
-    assert not any(isinstance(c, PackagesChange | ServiceChange) for c in result.changes)
     written = files(result)
     assert written[SYSCTL_PATH].content == golden_text(
         "nat/no-dash/etc/sysctl.d/90-homeclust-nat.conf")
     rules = written["/etc/sysconfig/iptables"]
-    assert rules.old == facts.file_text("/etc/sysconfig/iptables")
     blocks = dict(split_rules_file(rules.content or ""))
-    # The nat step owns only the nat table: the stock filter rules stay for the firewall step.
-    assert "-A INPUT -j REJECT --reject-with icmp-host-prohibited" in blocks["filter"]
+    assert blocks["filter"] == dict(split_rules_file(rules.old or ""))["filter"]
+    assert ":FORWARD DROP" in blocks["filter"]
     assert blocks["nat"] == render_nat_table(INV)
+
+
+# --------------------------------------------------------------------------- never open forwarding
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("debian12-master", "live FORWARD policy is ACCEPT (no filter table)"),
+    ("rocky9-master", "live FORWARD policy is ACCEPT"),
+    ("ubuntu2204-master", "live FORWARD policy is"),
+    ("centos7-worker", "live FORWARD policy is ACCEPT"),
+])
+def test_nat_alone_on_a_fresh_master_is_refused(name: str, why: str) -> None:
+    """Forwarding before a default-deny FORWARD chain would route the institute network
+    into the private one (``up --only nat`` on a fresh master)."""
+    with pytest.raises(StepError, match="refusing to turn on forwarding") as error:
+        plan(recorded(name).facts())
+    assert why in error.value.message
+    assert "homeclust up --only firewall,nat" in (error.value.hint or "")
+
+
+def test_nat_is_refused_while_the_saved_rules_would_not_be_default_deny_at_boot() -> None:
+    """RHEL: iptables-services ships a stock filter table (FORWARD ACCEPT + REJECT rule);
+    with it in the rules file, forwarding would be open after the next boot."""
+    stock = recorded("centos7-worker").file_text("/etc/sysconfig/iptables")
+    facts = after_firewall("centos7-worker").but(files={"/etc/sysconfig/iptables": stock}).facts()
+    with pytest.raises(StepError, match=r"/etc/sysconfig/iptables would load FORWARD policy "
+                                        r"ACCEPT at boot"):
+        plan(facts)
+
+
+def test_nat_never_touches_other_firewall_managers() -> None:
+    facts = after_firewall("debian12-master").with_units(
+        {"ufw.service": ("enabled", True), "firewalld.service": ("enabled", True)}).but(
+        sysctl=sysctl_lines({"net.ipv4.ip_forward": ("rw", "0"),
+                             "net.netfilter.nf_conntrack_max": None,
+                             "net.netfilter.nf_conntrack_tcp_timeout_established": None})).facts()
+    result = plan(facts)
+    assert not any(isinstance(c, ServiceChange) and c.unit in ("ufw", "firewalld")
+                   for c in result.changes)
+    conntrack = [c for c in commands(result) if "nf_conntrack_max" in c.command]
+    assert len(conntrack) == 1 and "(now absent)" in conntrack[0].description
+    assert conntrack[0].command.startswith("modprobe nf_conntrack")
+
+
+def test_posture_fails_when_forwarding_is_on_without_default_deny() -> None:
+    facts = converged("debian12-master").but(iptables_save=(
+        "*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n")).facts()
+    items = {i.name: i for i in STEP.posture(PlanContext(INV, INV.master_node, facts))}
+    assert items["forwarding behind default-deny"].status == "fail"
+    ok = {i.name: i for i in STEP.posture(PlanContext(INV, INV.master_node,
+                                                      converged("debian12-master").facts()))}
+    assert ok["forwarding behind default-deny"].status == "pass"
 
 
 # --------------------------------------------------------------------------- converged
@@ -219,7 +250,7 @@ def test_hand_edited_drop_in_is_rewritten() -> None:
 
 
 def test_read_only_ip_forward_is_a_step_error() -> None:
-    facts = recorded("debian12-master").but(sysctl=sysctl_lines({
+    facts = after_firewall("debian12-master").but(sysctl=sysctl_lines({
         "net.ipv4.ip_forward": ("ro", "0"),
         "net.netfilter.nf_conntrack_max": ("rw", "131072"),
         "net.netfilter.nf_conntrack_tcp_timeout_established": ("rw", "86400"),

@@ -8,7 +8,7 @@ from homeclust.changes import CommandChange, FileChange
 from homeclust.errors import StepError
 from homeclust.facts import HostFacts
 from homeclust.inventory import Inventory
-from homeclust.render.network import restore_command
+from homeclust.render.network import bringup_command, takedown_command
 from homeclust.steps.base import PlanContext, StepPlan
 from homeclust.steps.network import ROLLBACK_AFTER, NetworkStep
 from tests.unit.factsbuilder import FileRecord, converged, golden_text, inventory, recorded
@@ -23,18 +23,23 @@ def plan(facts: HostFacts, node: str, inv: Inventory = INV) -> StepPlan:
 
 
 def files(plan: StepPlan) -> dict[str, FileChange]:
-    return {c.path: c for c in plan.changes if isinstance(c, FileChange)}
+    return {c.path: c for c in plan.all_changes if isinstance(c, FileChange)}
 
 
 def commands(plan: StepPlan) -> list[CommandChange]:
-    return [c for c in plan.changes if isinstance(c, CommandChange)]
+    return [c for c in plan.all_changes if isinstance(c, CommandChange)]
 
 
 def reapply(plan: StepPlan) -> CommandChange:
-    found = [c for c in commands(plan) if c.detached]
-    assert len(found) == 1, plan.descriptions()
-    assert plan.changes[-1] is found[0], "the re-apply runs after every file is written"
-    return found[0]
+    """The guarded part: take down (old config), write the interface files, bring up."""
+    assert plan.guard is not None and plan.guarded, plan.descriptions()
+    first, *middle, last = plan.guarded
+    assert isinstance(first, CommandChange) and first.description.startswith("take down ")
+    assert isinstance(last, CommandChange) and last.description.startswith("bring up ")
+    assert all(isinstance(c, FileChange) for c in middle), \
+        "the interface files are written between taking down and bringing up"
+    assert not any(isinstance(c, FileChange) and c.path == "/etc/hosts" for c in middle)
+    return last
 
 
 # --------------------------------------------------------------------------- fresh hosts
@@ -53,11 +58,17 @@ def test_fresh_debian_master_takes_over_the_installer_configuration() -> None:
     # DHCP provides the master's resolv.conf; hostname and /etc/hostname are already right.
     assert not any("hostname" in c.command for c in commands(result))
     command = reapply(result)
-    assert command.description.startswith("re-apply eth0, eth1 (")
-    assert "ifdown --force eth0" in command.command and "ifup eth1" in command.command
+    assert command.description.startswith("bring up eth0, eth1 (")
+    assert command.command == bringup_command("ifupdown", ["eth0", "eth1"])
+    assert result.guarded[0].command == takedown_command("ifupdown", ["eth0", "eth1"])  # type: ignore[union-attr]
     assert result.guard is not None
-    assert result.guard.restore == restore_command("ifupdown", ["eth0", "eth1"])
+    # Rollback: down with the trial files still there, old files back, then up again.
+    assert result.guard.pre_restore == takedown_command("ifupdown", ["eth0", "eth1"])
+    assert result.guard.restore == bringup_command("ifupdown", ["eth0", "eth1"])
+    assert "ip -o -4 addr show dev eth0" in result.guard.trial
     assert result.guard.rollback_after == ROLLBACK_AFTER
+    # /etc/hosts is no risk to anyone's session: it is written before the guard.
+    assert [c.description for c in result.changes] == ["update /etc/hosts"]
     assert result.warnings == ()
 
 
@@ -71,8 +82,10 @@ def test_fresh_debian_worker_gets_gateway_dns_and_no_dhclient_conf() -> None:
     assert written["/etc/resolv.conf"].old == "nameserver 192.168.10.1\n"
     assert "127.0.1.1" not in (written["/etc/hosts"].content or "")
     command = reapply(result)
-    assert command.description.startswith("re-apply eth0 (eth0: configuration changed")
+    assert command.description.startswith("bring up eth0 (eth0: configuration changed")
     assert result.guard is not None
+    # resolv.conf does not decide how eth0 comes up: written before the guard.
+    assert "/etc/resolv.conf" in {c.path for c in result.changes if isinstance(c, FileChange)}
 
 
 def test_debian_worker_with_resolvconf_leaves_resolv_conf_to_it() -> None:
@@ -98,12 +111,11 @@ def test_fresh_rocky_master_replaces_installer_keyfiles_and_sets_the_hostname() 
         assert keyfile.content == golden_text(
             f"network/nm-keyfile/master{KEYFILES}homeclust-{name}.nmconnection")
     assert written["/etc/hostname"].content == "master\n"
-    (hostname,) = [c for c in commands(result) if not c.detached]
+    (hostname,) = [c for c in result.changes if isinstance(c, CommandChange)]
     assert "hostnamectl set-hostname master" in hostname.command
     assert "localhost.localdomain" in hostname.description
     command = reapply(result)
-    assert "nmcli connection up homeclust-eth0" in command.command
-    assert "nmcli connection up homeclust-eth1" in command.command
+    assert command.command == bringup_command("nm-keyfile", ["eth0", "eth1"])
 
 
 def test_fresh_centos7_worker_rewrites_the_installer_ifcfg_only() -> None:
@@ -116,10 +128,10 @@ def test_fresh_centos7_worker_rewrites_the_installer_ifcfg_only() -> None:
     assert ifcfg.content == golden_text(
         "network/ifcfg/worker2/etc/sysconfig/network-scripts/ifcfg-eth0")
     command = reapply(result)
-    assert "ifdown eth0" in command.command and "ifup eth0" in command.command
+    assert command.command == bringup_command("ifcfg", ["eth0"])
     # The network service brings eth0 up; NetworkManager (if running) only re-reads
     # NM_CONTROLLED=no first and never activates a connection itself.
-    assert "nmcli connection up" not in command.command
+    assert "nmcli device connect" not in command.command
     assert "then nmcli connection reload; fi" in command.command
 
 
@@ -134,6 +146,9 @@ def test_fresh_ubuntu_master_replaces_the_installer_netplan_and_warns_about_clie
     assert ours.content == golden_text("network/netplan/master/etc/netplan/60-homeclust.yaml")
     assert len(result.warnings) == 1 and "client id" in result.warnings[0]
     assert "netplan apply" in reapply(result).command
+    # The old netplan file is removed under the guard, after networkctl released the lease.
+    assert "/etc/netplan/00-installer-config.yaml" in {
+        c.path for c in result.guarded if isinstance(c, FileChange)}
 
 
 # --------------------------------------------------------------------------- converged
@@ -151,44 +166,40 @@ def test_stray_default_route_on_a_worker_is_reapplied() -> None:
     facts = converged("debian12-worker").add_lines(
         "routes", "default via 192.168.10.254 dev eth0 metric 200 ").facts()
     result = plan(facts, "worker1")
-    (change,) = result.changes
-    assert isinstance(change, CommandChange) and change.detached
+    assert result.changes == ()  # nothing but the live state: all of it guarded
+    change = reapply(result)
+    assert len(result.guarded) == 2
     assert "stray default route via 192.168.10.254 dev eth0" in change.description
-    assert result.guard is not None
 
 
 def test_worker_without_its_default_route_is_reapplied() -> None:
     facts = converged("centos7-worker").but(
         routes="192.168.10.0/24 dev eth0 proto kernel scope link src 192.168.10.3 \n").facts()
-    (change,) = plan(facts, "worker2").changes
-    assert isinstance(change, CommandChange)
+    change = reapply(plan(facts, "worker2"))
     assert "no default route via 192.168.10.1" in change.description
 
 
 def test_default_route_through_the_masters_private_side_is_reapplied() -> None:
     facts = converged("debian12-master").add_lines(
         "routes", "default via 192.168.10.254 dev eth1 metric 50 ").facts()
-    (change,) = plan(facts, "master").changes
-    assert isinstance(change, CommandChange)
-    assert change.description.startswith("re-apply eth1 (eth1: default route via the private side")
+    change = reapply(plan(facts, "master"))
+    assert change.description.startswith("bring up eth1 (eth1: default route via the private side")
 
 
 def test_lost_private_address_reapplies_only_that_interface() -> None:
     fresh = converged("rocky9-master")
     addresses = "".join(line + "\n" for line in fresh.sections["addresses"].splitlines()
                         if " eth1 " not in line)
-    (change,) = plan(fresh.but(addresses=addresses).facts(), "master").changes
-    assert isinstance(change, CommandChange)
-    assert change.description == "re-apply eth1 (eth1: lacks 192.168.10.1/24)"
-    assert change.command == "nmcli connection reload && nmcli connection up homeclust-eth1"
+    change = reapply(plan(fresh.but(addresses=addresses).facts(), "master"))
+    assert change.description == "bring up eth1 (eth1: lacks 192.168.10.1/24)"
+    assert change.command == "nmcli connection reload && nmcli device connect eth1"
 
 
 def test_extra_address_on_a_worker_is_reapplied() -> None:
     facts = converged("debian12-worker").add_lines(
         "addresses", "2: eth0    inet 192.168.10.77/24 brd 192.168.10.255 scope global secondary "
                      "eth0\\       valid_lft forever preferred_lft forever").facts()
-    (change,) = plan(facts, "worker1").changes
-    assert isinstance(change, CommandChange)
+    change = reapply(plan(facts, "worker1"))
     assert "stray address 192.168.10.77/24" in change.description
 
 
@@ -217,7 +228,8 @@ def test_interfaces_d_snippet_of_our_interface_is_removed_and_reapplied() -> Non
     result = plan(facts, "worker1")
     assert files(result)[snippet].content is None
     assert files(result)[snippet].description == f"remove {snippet}"
-    assert reapply(result).description == "re-apply eth0 (eth0: configuration changed)"
+    assert reapply(result).description == "bring up eth0 (eth0: configuration changed)"
+    assert snippet in {c.path for c in result.guarded if isinstance(c, FileChange)}
 
 
 def test_other_interface_snippets_are_left_alone() -> None:

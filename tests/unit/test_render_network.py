@@ -7,7 +7,9 @@ are compared exactly.  Regenerate them only on purpose, with
 
 from __future__ import annotations
 
+import subprocess
 from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
 
 import pytest
 
@@ -18,13 +20,14 @@ from homeclust.render.network import (
     HOSTS_END,
     FileSpec,
     InterfaceSpec,
+    addresses_command,
+    bringup_command,
     interface_files,
     interface_specs,
-    reapply_command,
     render_hostname,
     render_hosts,
     render_ifupdown,
-    restore_command,
+    takedown_command,
 )
 from tests.unit.factsbuilder import check_golden, inventory, recorded
 
@@ -296,32 +299,72 @@ def test_our_own_keyfile_is_not_removed() -> None:
 # --------------------------------------------------------------------------- re-apply
 
 
-def test_ifupdown_reapply_takes_down_flushes_and_brings_up() -> None:
-    command = reapply_command("ifupdown", ["eth0", "eth1"])
-    for name in ("eth0", "eth1"):
-        down = command.index(f"ifdown --force {name}")
-        pidfile = command.index(f"/run/dhclient.{name}.pid")
-        flush = command.index(f"ip addr flush dev {name}")
-        up = command.index(f"ifup {name}")
-        assert down < pidfile < flush < up
-    assert restore_command("ifupdown", ["eth0"]) == reapply_command("ifupdown", ["eth0"])
+def run_with_stubs(tmp_path: Path, command: str, tools: tuple[str, ...]) -> list[str]:
+    """Run ``command`` under sh with ``tools`` replaced by stubs that log their arguments."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir(exist_ok=True)
+    log = tmp_path / "calls.log"
+    for tool in tools:
+        stub = stubs / tool
+        stub.write_text(f'#!/bin/sh\necho "{tool} $*" >> {log}\n')
+        stub.chmod(0o755)
+    subprocess.run(["/bin/sh", "-c", command], check=True, timeout=10,
+                   env={"PATH": f"{stubs}:/usr/bin:/bin"})
+    return log.read_text().splitlines() if log.exists() else []
 
 
-def test_ifcfg_reapply_uses_plain_ifdown() -> None:
-    command = reapply_command("ifcfg", ["eth0"])
-    assert "ifdown eth0" in command and "--force" not in command and "ifup eth0" in command
+def test_ifupdown_takes_down_flushes_then_brings_up(tmp_path: Path) -> None:
+    down = run_with_stubs(tmp_path, takedown_command("ifupdown", ["eth0", "eth1"]),
+                          ("ifdown", "ifup", "ip"))
+    assert down == ["ifdown --force eth0", "ip addr flush dev eth0",
+                    "ifdown --force eth1", "ip addr flush dev eth1"]
+    (tmp_path / "calls.log").unlink()
+    assert run_with_stubs(tmp_path, bringup_command("ifupdown", ["eth0", "eth1"]),
+                          ("ifdown", "ifup", "ip")) == ["ifup eth0", "ifup eth1"]
 
 
-def test_nm_reapply_names_the_connections() -> None:
-    assert reapply_command("nm-keyfile", ["eth0"]) == (
-        "nmcli connection reload && nmcli connection up homeclust-eth0")
-    assert reapply_command("nm-ifcfg", ["eth0", "eth1"]) == (
-        "nmcli connection reload && nmcli connection up eth0 && nmcli connection up eth1")
-    assert "nmcli device connect eth0" in restore_command("nm-keyfile", ["eth0"])
+def test_takedown_never_fails(tmp_path: Path) -> None:
+    # An interface that is already down is not an error: a rollback must go on.
+    for backend in ("ifupdown", "ifcfg", "nm-keyfile", "netplan"):
+        subprocess.run(["/bin/sh", "-c", takedown_command(backend, ["eth9"])], check=True,
+                       timeout=10, env={"PATH": "/nonexistent"}, capture_output=True)
 
 
-def test_netplan_reapply() -> None:
-    assert "netplan apply" in reapply_command("netplan", ["eth0"])
+def test_ifcfg_uses_plain_ifdown_and_reloads_networkmanager_first(tmp_path: Path) -> None:
+    assert run_with_stubs(tmp_path, takedown_command("ifcfg", ["eth0"]),
+                          ("ifdown", "ip")) == ["ifdown eth0", "ip addr flush dev eth0"]
+    (tmp_path / "calls.log").unlink()
+    assert run_with_stubs(tmp_path, bringup_command("ifcfg", ["eth0"]), ("nmcli", "ifup")) == [
+        "nmcli -t general status", "nmcli connection reload", "ifup eth0"]
+
+
+def test_networkmanager_disconnects_then_reloads_and_connects(tmp_path: Path) -> None:
+    assert run_with_stubs(tmp_path, takedown_command("nm-keyfile", ["eth0", "eth1"]),
+                          ("nmcli",)) == ["nmcli device disconnect eth0",
+                                          "nmcli device disconnect eth1"]
+    (tmp_path / "calls.log").unlink()
+    assert run_with_stubs(tmp_path, bringup_command("nm-ifcfg", ["eth0", "eth1"]), ("nmcli",)) \
+        == ["nmcli connection reload", "nmcli device connect eth0", "nmcli device connect eth1"]
+
+
+def test_netplan_releases_with_networkctl_then_applies(tmp_path: Path) -> None:
+    assert run_with_stubs(tmp_path, takedown_command("netplan", ["eth0"]),
+                          ("networkctl", "ip")) == ["networkctl down eth0"]
+    (tmp_path / "calls.log").unlink()
+    assert run_with_stubs(tmp_path, bringup_command("netplan", ["eth0"]), ("netplan",)) == [
+        "netplan generate", "netplan apply"]
+
+
+def test_addresses_command_reports_each_interface(tmp_path: Path) -> None:
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    (stubs / "ip").write_text('#!/bin/sh\n[ "$6" = eth0 ] && echo "2: eth0 inet 10.77.0.10/24 '
+                              'brd 10.77.0.255 scope global eth0"\ntrue\n')
+    (stubs / "ip").chmod(0o755)
+    out = subprocess.run(["/bin/sh", "-c", addresses_command(["eth0", "eth1"])], check=True,
+                         capture_output=True, text=True, timeout=10,
+                         env={"PATH": f"{stubs}:/usr/bin:/bin"}).stdout
+    assert out == "eth0: 10.77.0.10/24\neth1: \n"
 
 
 # --------------------------------------------------------------------------- names
