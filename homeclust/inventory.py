@@ -331,6 +331,12 @@ class _Table:
         except ValueError:
             raise self.error(key, f"is not an IPv4 address: {raw!r}") from None
 
+    def required_address(self, key: str) -> IPv4Address:
+        address = self.address(key, required=True)
+        if address is None:  # _get raised "is required" already
+            raise self.error(key, "is required")
+        return address
+
     def network(self, key: str, default: str) -> IPv4Network:
         raw = self.string(key, default)
         return _parse_network(raw, lambda msg, hint=None: self.error(key, msg, hint))
@@ -357,7 +363,8 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 def _parse_network(raw: str, error: Any) -> IPv4Network:
     network = _parse_any_network(raw, error, versions=(4,))
-    assert isinstance(network, IPv4Network)
+    if not isinstance(network, IPv4Network):  # _parse_any_network refused the others
+        raise error(f"is not an IPv4 network in CIDR form: {raw!r}")
     return network
 
 
@@ -648,8 +655,7 @@ def _parse_master(path: Path, data: Any, network: IPv4Network, ssh_port: int) ->
     dhcp_client_id = t.string("dhcp_client_id", name)
     if not re.match(r"^[\x21-\x7e]{1,64}$", dhcp_client_id):
         raise t.error("dhcp_client_id", "must be 1-64 printable characters without spaces")
-    private_address = t.address("private_address")
-    assert private_address is not None
+    private_address = t.required_address("private_address")
     # The master's private address is every worker's gateway and DNS forwarder:
     # it must be a usable host address inside the private network.
     _check_private(t, "private_address", private_address, network)
@@ -680,8 +686,7 @@ def _parse_workers(path: Path, data: Any, network: IPv4Network) -> tuple[WorkerS
             label = f"workers #{index}"
         t = _Table(path, "workers", item, label)
         name = _check_name(t, "name", t.string("name", required=True))
-        address = t.address("private_address")
-        assert address is not None
+        address = t.required_address("private_address")
         _check_private(t, "private_address", address, network)
         interface = _check_interface(t, "interface", t.string("interface", "eth0"))
         slots = t.integer("slots", 1, minimum=1)

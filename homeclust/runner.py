@@ -239,9 +239,10 @@ class Runner:
             self.facts[host.node.name] = facts
         return facts
 
-    def context(self, node: Node) -> PlanContext:
+    def context(self, node: Node, pending: Iterable[str] = ()) -> PlanContext:
         with self._facts_lock:
-            return PlanContext(self.inventory, node, self.facts[node.name], dict(self.facts))
+            return PlanContext(self.inventory, node, self.facts[node.name], dict(self.facts),
+                               frozenset(pending))
 
     def steps_for(self, node: Node) -> list[Step]:
         return [s for s in self.steps if s.targets(self.inventory, node)]
@@ -456,8 +457,14 @@ class Runner:
 
     # ------------------------------------------------------------------ plan / check
 
-    def _plan_step(self, step: Step, node: Node) -> StepPlan:
-        return step.plan(self.context(node))
+    def _plan_step(self, step: Step, node: Node, *, before_run: bool = False) -> StepPlan:
+        """Plan ``step`` on ``node``; ``before_run``: the earlier steps of the run have
+        not been applied yet (``plan`` and ``check``)."""
+        pending: list[str] = []
+        if before_run:
+            pending = [s.name for s in self.steps_for(node)]
+            pending = pending[:pending.index(step.name)] if step.name in pending else pending
+        return step.plan(self.context(node, pending))
 
     def _plan_host(self, node: Node, result: RunResult, mode: Mode) -> None:
         pending = {t.id.rsplit("-", 2)[0]: t for t in self.facts[node.name].transactions
@@ -465,7 +472,7 @@ class Runner:
         for step in self.steps_for(node):
             started = time.monotonic()
             try:
-                plan = self._plan_step(step, node)
+                plan = self._plan_step(step, node, before_run=True)
             except HomeclustError as exc:
                 self._record(result, StepOutcome(node.name, step.name, "failed", error=str(exc)))
                 if mode == "check":
@@ -637,7 +644,7 @@ class Runner:
             # The master's connection is replaced below; the claim keeps the run
             # lock ours until we take it again over the new connection.
             self.run_script(host, "lock-claim", claim_script(
-                LOCK_PATH, self.run_id, int(guard.rollback_after + safety.ROLLBACK_GRACE + 60)),
+                LOCK_PATH, self.run_id, int(guard.rollback_after + safety.ROLLBACK_GRACE)),
                 30.0)
         expected = change_signature(plan.guarded)
 

@@ -511,7 +511,8 @@ class GuardedApply:
                 self.problems.append(f"{phase.value}: {exc.message}")
                 following = self._recover(phase)
             if following not in TRANSITIONS[phase]:
-                raise AssertionError(f"guarded apply: {phase} -> {following} is not a transition")
+                raise ApplyError(f"{self.node.name}: guarded apply went from {phase.value} to "
+                                 f"{following.value}, which is not a transition (bug)")
             phase = following
         self.trail.append(phase)
         return self._finish(phase)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from typing import Literal
 
+from homeclust.errors import StepError
 from homeclust.inventory import Inventory, Node
 from homeclust.platforms import NetworkBackend
 
@@ -39,6 +40,13 @@ class InterfaceSpec:
     gateway: IPv4Address | None = None
     dns: tuple[IPv4Address, ...] = ()
     client_id: str | None = None
+
+    @property
+    def static_address(self) -> IPv4Interface:
+        """The address of a static interface (a planner bug if there is none)."""
+        if self.address is None:
+            raise StepError(f"{self.name}: a static interface without an address (bug)")
+        return self.address
 
     @property
     def comment(self) -> str:
@@ -202,9 +210,8 @@ def render_ifcfg(spec: InterfaceSpec, *, nm_controlled: bool) -> str:
         if spec.client_id:
             lines.append(f"DHCP_CLIENT_ID={spec.client_id}")
     else:
-        assert spec.address is not None
-        lines += ["BOOTPROTO=none", f"IPADDR={spec.address.ip}",
-                  f"PREFIX={spec.address.network.prefixlen}"]
+        lines += ["BOOTPROTO=none", f"IPADDR={spec.static_address.ip}",
+                  f"PREFIX={spec.static_address.network.prefixlen}"]
         if spec.gateway:
             lines += [f"GATEWAY={spec.gateway}", "DEFROUTE=yes"]
         else:
@@ -234,9 +241,8 @@ def render_nm_keyfile(spec: InterfaceSpec) -> str:
         if spec.client_id:
             lines.append(f"dhcp-client-id={spec.client_id}")
     else:
-        assert spec.address is not None
         gateway = f",{spec.gateway}" if spec.gateway else ""
-        lines += ["method=manual", f"address1={spec.address}{gateway}"]
+        lines += ["method=manual", f"address1={spec.static_address}{gateway}"]
         if spec.dns:
             lines.append("dns=" + "".join(f"{server};" for server in spec.dns))
         if not spec.gateway:

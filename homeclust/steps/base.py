@@ -38,6 +38,10 @@ class PlanContext:
     facts: HostFacts
     #: Facts of the other hosts gathered in this run (the master's, at least, when reachable).
     cluster: Mapping[str, HostFacts] = field(default_factory=dict)
+    #: Earlier steps of this run that have not been applied to this host yet: ``plan``
+    #: plans every step from the facts as they are now, before any has run, so a step
+    #: may count on one of these doing its part first.  Empty when applying (they ran).
+    pending_steps: frozenset[str] = frozenset()
 
     @property
     def platform(self) -> Platform:

@@ -91,16 +91,20 @@ class NatStep(Step):
             raise StepError(
                 f"{ctx.node.name}: public interface {inventory.master.public_interface} "
                 "does not exist", hint="run the network step first, or fix [master] public_interface")
+        changes: list[Change] = []
+        warnings: list[str] = []
         open_forward = forward_not_default_deny(ctx)
-        if open_forward:
+        if open_forward and "firewall" not in ctx.pending_steps:
             raise StepError(
                 f"{ctx.node.name}: refusing to turn on forwarding: {open_forward}, so the "
                 "master would route the public side into the private network",
                 hint="run the firewall step first: homeclust up --only firewall,nat; "
                 "nothing was changed",
             )
-        changes: list[Change] = []
-        warnings: list[str] = []
+        if open_forward:
+            # `plan` before the firewall ran; `up` plans nat again after the firewall
+            # step and refuses then if FORWARD is still not default-deny.
+            warnings.append(f"forwarding waits for the firewall step ({open_forward} now)")
         changes += loader_packages(ctx)
         changes += loader_services(ctx, [platform.firewall_service])
         for path, content in (

@@ -52,10 +52,10 @@ def live_differences(spec: InterfaceSpec, facts: HostFacts, inventory: Inventory
         if not iface.addresses:
             problems.append("no DHCP address")
         return problems
-    assert spec.address is not None
-    if spec.address not in iface.addresses:
-        problems.append(f"lacks {spec.address}")
-    problems += [f"stray address {a}" for a in iface.addresses if a != spec.address]
+    address = spec.static_address
+    if address not in iface.addresses:
+        problems.append(f"lacks {address}")
+    problems += [f"stray address {a}" for a in iface.addresses if a != address]
     defaults = facts.default_routes()
     if spec.gateway is not None:
         if not any(r.gateway == spec.gateway and r.device == spec.name for r in defaults):

@@ -130,7 +130,7 @@ def test_admin_user_with_passwordless_sudo(lab: Lab, lab_inventory_path: Path,
             raw["ssh"]["user"] = user
             path = tmp_path / f"{user}.toml"
             path.write_text(tomli_w.dumps(raw))
-            code, data = homeclust_json(path, "plan", "--host", "master", "--only", "nat")
+            code, data = homeclust_json(path, "plan", "--host", "master", "--only", "firewall")
             if expect_ok:
                 assert code in (0, 3), data
                 assert data["host_errors"] == {}

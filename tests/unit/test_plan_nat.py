@@ -277,3 +277,17 @@ def test_missing_public_interface_is_a_step_error_naming_it() -> None:
 def test_nat_targets_only_the_master() -> None:
     assert STEP.targets(INV, INV.master_node)
     assert not any(STEP.targets(INV, node) for node in INV.worker_nodes)
+
+
+def test_plan_before_the_firewall_ran_shows_nat_waiting_for_it() -> None:
+    """`homeclust plan` on a fresh cluster: the firewall step of the same run comes first,
+    so nat shows its changes (and why forwarding waits) instead of failing."""
+    inv = INV
+    ctx = PlanContext(inv, inv.master_node, recorded("debian12-master").facts(),
+                      pending_steps=frozenset({"network", "firewall"}))
+    result = STEP.plan(ctx)
+    assert any("net.ipv4.ip_forward=1" in c.command for c in commands(result))
+    assert any("forwarding waits for the firewall step" in w for w in result.warnings)
+    # When applying, earlier steps have run: a FORWARD chain still open is refused.
+    with pytest.raises(StepError, match="refusing to turn on forwarding"):
+        STEP.plan(PlanContext(inv, inv.master_node, recorded("debian12-master").facts()))
