@@ -336,13 +336,17 @@ class EntryWriter:
         self.written = 0
 
     def write(self, data: bytes) -> None:
-        assert self.file is not None
+        if self.file is None:
+            raise OSError(f"cache entry for {self.path} already closed")
         self.file.write(data)
         self.written += len(data)
 
     def commit(self, meta: EntryMeta) -> Path:
         """fsync, then rename into place: readers see the old entry or the whole new one."""
-        assert self.file is not None and meta.length == self.written
+        if self.file is None or meta.length != self.written:
+            self.abort()
+            raise OSError(f"cache entry for {self.path}: {self.written} bytes written, "
+                          f"{meta.length} announced")
         self.file.write(encode_trailer(meta))
         self.file.flush()
         os.fsync(self.file.fileno())
