@@ -81,7 +81,7 @@ def down(cluster: str | None) -> None:
 @lab.command()
 @cluster_option
 def status(cluster: str | None) -> None:
-    """Show nodes, services and namespaces of the lab."""
+    """Show nodes, services, namespaces, DHCP mode, uplink and apt cache counters of the lab."""
     click.echo(_lab(cluster).status().describe())
 
 
