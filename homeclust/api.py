@@ -9,24 +9,24 @@ connection is opened.
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Literal
 
 from homeclust.errors import UsageError
 from homeclust.facts import summarize
 from homeclust.inventory import Inventory, Node, load_inventory
-from homeclust.output import LineReporter, LiveReporter, QuietReporter, render_result, result_json
+from homeclust.output import LineReporter, QuietReporter, render_plain, result_json
 from homeclust.runlog import RunLog
 from homeclust.runner import Reporter, Runner, RunResult
 from homeclust.steps import resolve_steps
 from homeclust.steps.base import Step
 from homeclust.transport import Connector, SshConnector
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 Command = Literal["up", "plan", "check"]
 
@@ -60,12 +60,23 @@ def prepare(inventory_path: str | Path, options: Options) -> Prepared:
     return Prepared(inventory, steps, nodes)
 
 
-def _reporter(console: Console, options: Options) -> Reporter:
+def _terminal_console() -> Console | None:
+    """A rich console when stdout is a terminal (the library is loaded only then)."""
+    if not sys.stdout.isatty():
+        return None
+    from rich.console import Console
+
+    return Console()
+
+
+def _reporter(console: Console | None, options: Options) -> Reporter:
     if options.json:
-        return QuietReporter(console)
-    if console.is_terminal:
+        return QuietReporter()
+    if console is not None:
+        from homeclust.richout import LiveReporter
+
         return LiveReporter(console)
-    return LineReporter(console)
+    return LineReporter()
 
 
 def run(command: Command, inventory_path: str | Path, options: Options, *,
@@ -73,7 +84,6 @@ def run(command: Command, inventory_path: str | Path, options: Options, *,
         reporter: Reporter | None = None) -> RunResult:
     """Run up/plan/check and return the result (nothing printed but progress)."""
     prepared = prepare(inventory_path, options)
-    console = console or Console(stderr=options.json)
     reporter = reporter or _reporter(console, options)
     mode = "plan" if command == "plan" or options.dry_run else (
         "check" if command == "check" else "apply")
@@ -96,24 +106,27 @@ def run(command: Command, inventory_path: str | Path, options: Options, *,
 
 def execute(command: Command, inventory_path: str | Path, options: Options) -> int:
     """Run a command and print its outcome; returns the documented exit code."""
-    console = Console()
-    result = run(command, inventory_path, options,
-                 console=Console(stderr=True) if options.json else console)
+    console = None if options.json else _terminal_console()
+    result = run(command, inventory_path, options, console=console)
     if options.json:
         print(json.dumps(result_json(result), indent=2))
+        return result.exit_code()
+    # check shows drift as the diff of what `up` would change.
+    show_diff = command in ("plan", "check") or options.diff
+    if console is not None:
+        from homeclust.richout import render_rich
+
+        render_rich(console, result, show_diff=show_diff)
     else:
-        # check shows drift as the diff of what `up` would change.
-        show_diff = command in ("plan", "check") or options.diff
-        render_result(console, result, show_diff=show_diff)
+        render_plain(result, show_diff=show_diff)
     return result.exit_code()
 
 
 def show_facts(inventory_path: str | Path, hosts: Sequence[str], *, as_json: bool) -> int:
     prepared = prepare(inventory_path, Options(only=(), hosts=hosts))
-    console = Console(stderr=as_json)
-    reporter = QuietReporter(console) if as_json else LineReporter(console)
+    reporter = QuietReporter() if as_json else LineReporter()
     connector = SshConnector(prepared.inventory, on_retry=reporter.message)
-    runner = Runner(prepared.inventory, [], prepared.nodes, connector=connector,
+    runner = Runner(prepared.inventory, prepared.steps, prepared.nodes, connector=connector,
                     reporter=reporter, runlog=RunLog(None))
     try:
         result = runner.gather_all()
@@ -128,18 +141,7 @@ def show_facts(inventory_path: str | Path, hosts: Sequence[str], *, as_json: boo
         print(json.dumps({"facts": data, "errors": errors}, indent=2))
     else:
         for name, summary in data.items():
-            console.rule(name, align="left")
-            if summary is None:
-                console.print(f"[red]{errors.get(name, 'no facts')}[/red]")
-            else:
-                console.print_json(json.dumps(summary))
+            print(f"== {name}")
+            print(errors.get(name, "no facts") if summary is None
+                  else json.dumps(summary, indent=2))
     return 1 if errors else 0
-
-
-def configure_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if verbose < 3:
-        # paramiko's transport chatter is only useful when asked for explicitly.
-        logging.getLogger("paramiko").setLevel(max(level, logging.WARNING))

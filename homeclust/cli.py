@@ -14,11 +14,31 @@ from typing import Any
 
 import click
 
-from homeclust import __version__, api
+from homeclust import __version__
 from homeclust.errors import HomeclustError
 from homeclust.inventory import DEFAULT_INVENTORY, inventory_summary, load_inventory
-from homeclust.lab.cli import lab
 from homeclust.steps import step_names
+
+
+def _api() -> Any:
+    # Imported when a command runs, not for --help or `inventory`: it loads the SSH stack.
+    from homeclust import api
+
+    return api
+
+
+class _Commands(click.Group):
+    """The command group; ``lab`` (and its dependencies) is loaded only when used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*super().list_commands(ctx), "lab"]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name == "lab":
+            from homeclust.lab.cli import lab
+
+            return lab
+        return super().get_command(ctx, name)
 
 STEP_HELP = "Steps, in run order: " + ", ".join(step_names()) + "."
 
@@ -56,6 +76,7 @@ def _inventory(ctx: click.Context) -> str:
 
 
 @click.group(
+    cls=_Commands,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="Examples:\n\n\b\n"
     "  homeclust plan                          # what would change, as diffs\n"
@@ -76,7 +97,7 @@ def cli(ctx: click.Context, inventory: str, verbose: int) -> None:
     repository and SSH jump host; the workers are configured through it.
     """
     ctx.obj = {"inventory": inventory, "verbose": verbose}
-    api.configure_logging(verbose)
+    configure_logging(verbose)
 
 
 @cli.command(epilog=STEP_HELP)
@@ -96,9 +117,9 @@ def up(ctx: click.Context, only: tuple[str, ...], skip: tuple[str, ...], hosts: 
     you off (network, firewall) roll back by themselves unless homeclust can
     confirm them over a new connection.
     """
-    options = api.Options(only=only, skip=skip, hosts=hosts, forks=forks, dry_run=dry_run,
+    options = _api().Options(only=only, skip=skip, hosts=hosts, forks=forks, dry_run=dry_run,
                           diff=diff or dry_run, json=as_json)
-    ctx.exit(api.execute("up", _inventory(ctx), options))
+    ctx.exit(_api().execute("up", _inventory(ctx), options))
 
 
 @cli.command(epilog=STEP_HELP + " Exit code 3 means changes are pending (a drift check).")
@@ -111,8 +132,8 @@ def up(ctx: click.Context, only: tuple[str, ...], skip: tuple[str, ...], hosts: 
 def plan(ctx: click.Context, only: tuple[str, ...], skip: tuple[str, ...],
          hosts: tuple[str, ...], forks: int, as_json: bool) -> None:
     """Show what `up` would change (files as unified diffs); change nothing."""
-    options = api.Options(only=only, skip=skip, hosts=hosts, forks=forks, json=as_json)
-    ctx.exit(api.execute("plan", _inventory(ctx), options))
+    options = _api().Options(only=only, skip=skip, hosts=hosts, forks=forks, json=as_json)
+    ctx.exit(_api().execute("plan", _inventory(ctx), options))
 
 
 @cli.command(epilog=STEP_HELP)
@@ -124,8 +145,8 @@ def plan(ctx: click.Context, only: tuple[str, ...], skip: tuple[str, ...],
 def check(ctx: click.Context, only: tuple[str, ...], hosts: tuple[str, ...], forks: int,
           as_json: bool) -> None:
     """Prove the cluster works: reachability, NAT egress, firewall posture and drift."""
-    options = api.Options(only=only, hosts=hosts, forks=forks, json=as_json)
-    ctx.exit(api.execute("check", _inventory(ctx), options))
+    options = _api().Options(only=only, hosts=hosts, forks=forks, json=as_json)
+    ctx.exit(_api().execute("check", _inventory(ctx), options))
 
 
 @cli.command()
@@ -134,7 +155,7 @@ def check(ctx: click.Context, only: tuple[str, ...], hosts: tuple[str, ...], for
 @click.pass_context
 def facts(ctx: click.Context, hosts: tuple[str, ...], as_json: bool) -> None:
     """Read and show what homeclust knows about each host (one round trip per host)."""
-    ctx.exit(api.show_facts(_inventory(ctx), hosts, as_json=as_json))
+    ctx.exit(_api().show_facts(_inventory(ctx), hosts, as_json=as_json))
 
 
 @cli.command("inventory")
@@ -166,7 +187,15 @@ def inventory_command(ctx: click.Context, as_json: bool) -> None:
     click.echo(f"scheduler: {inv.scheduler.kind}; known_hosts: {inv.ssh.known_hosts}")
 
 
-cli.add_command(lab)
+def configure_logging(verbose: int) -> None:
+    import logging
+
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if verbose < 3:
+        # paramiko's transport chatter is only useful when asked for explicitly.
+        logging.getLogger("paramiko").setLevel(max(level, logging.WARNING))
 
 
 def _interrupt_on_signal(signum: int, frame: object) -> None:

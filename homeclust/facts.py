@@ -302,8 +302,9 @@ def gather_script(query: FactQuery) -> str:
     parts = [f"""\
 export LC_ALL=C PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 sec() {{ printf '\\n{MARKER} %s\\n' "$1"; }}
-{TXN_STATE_SH}sec os-release; cat /etc/os-release 2>/dev/null
-sec hostname; hostname 2>/dev/null || cat /proc/sys/kernel/hostname
+{TXN_STATE_SH}sec os-release
+while IFS= read -r line; do printf '%s\\n' "$line"; done < /etc/os-release 2>/dev/null
+sec hostname; cat /proc/sys/kernel/hostname
 sec virt; systemd-detect-virt 2>/dev/null || true
 sec ssh-connection; printf '%s\\n' "${{1:-}}"
 sec links; ip -o link show 2>/dev/null
@@ -329,19 +330,16 @@ sec iptables-save; iptables-save 2>/dev/null
 sec ip6tables-save; ip6tables-save 2>/dev/null
 """)
     if query.sysctls:
-        words = " ".join(sorted(query.sysctls))
-        parts.append(f"""\
-sec sysctl
-for key in {words}; do
-  f=/proc/sys/$(printf '%s' "$key" | tr . /)
-  if [ -e "$f" ]; then
-    if [ -w "$f" ]; then w=rw; else w=ro; fi
-    printf '%s\\t%s\\t%s\\n' "$key" "$w" "$(cat "$f" 2>/dev/null | tr '\\t' ' ')"
-  else
-    printf '%s\\tabsent\\t\\n' "$key"
-  fi
-done
-""")
+        # /proc/sys files cannot be read a byte at a time (the shell's read builtin
+        # gets the first byte only): one cat per key, nothing else.
+        lines = ["sec sysctl"]
+        for key in sorted(query.sysctls):
+            path = "/proc/sys/" + key.replace(".", "/")
+            lines.append(
+                f"if [ -e {path} ]; then if [ -w {path} ]; then w=rw; else w=ro; fi; "
+                f"printf '%s\\t%s\\t%s\\n' {key} \"$w\" \"$(cat {path} 2>/dev/null)\"; "
+                f"else printf '%s\\tabsent\\t\\n' {key}; fi")
+        parts.append("\n".join(lines) + "\n")
     if query.packages:
         words = " ".join(sorted(query.packages))
         # Only the packages asked for: dpkg/rpm say nothing (or "not installed") for the rest.
@@ -382,7 +380,7 @@ if [ $# -gt 0 ]; then
       sum=${{1:-}}; [ $# -gt 0 ] && shift
       case "$f" in {secret}) kind=S;; *) kind=F;; esac
       printf '%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n' "$kind" "$f" "$mode" "$owner" "$group" "$sum"
-      if [ "$size" -le {MAX_FILE_CONTENT} ]; then base64 < "$f" | tr -d '\\n'; else printf -- -; fi
+      if [ "$size" -le {MAX_FILE_CONTENT} ]; then base64 -w0 < "$f"; else printf -- -; fi
       printf '\\n'
     done
   }}
@@ -629,7 +627,7 @@ def parse_sysctls(text: str) -> dict[str, Sysctl]:
         if len(parts) < 2:
             continue
         key, access = parts[0], parts[1]
-        value = parts[2].strip() if len(parts) > 2 else ""
+        value = " ".join(parts[2:]).strip()
         if access == "absent":
             found[key] = Sysctl(None, False)
         else:

@@ -48,9 +48,13 @@ class Platform:
                 "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "
                 f"--no-install-recommends {names}"
             )
-            # Try with the current package lists first: an update costs seconds and
-            # is only needed when the lists are missing or stale.
-            return f"{install} || {{ apt-get update -q && {install}; }}"
+            # An install that a power cut or a killed run interrupted is finished first
+            # (apt refuses to do anything until it is).  Then try with the current
+            # package lists: an update costs seconds and is only needed when the lists
+            # are missing or stale.
+            finish = ("DEBIAN_FRONTEND=noninteractive dpkg --configure -a --force-confdef "
+                      "--force-confold >/dev/null 2>&1; ")
+            return f"{finish}{install} || {{ apt-get update -q && {install}; }}"
         return f"{self.package_manager} install -y -q {names}"
 
     @property

@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -195,6 +195,7 @@ class Runner:
         self._facts_lock = threading.Lock()
         self._query = fact_query(inventory, self.steps)
         self._lock: LockHandle | None = None
+        self._lock_ready = threading.Event()  # the master's lock was taken (or failed)
         self._lock_lost: str | None = None
 
     @property
@@ -292,10 +293,21 @@ class Runner:
         self.reporter.start(result.hosts, result.steps, mode)
         self.runlog.event("run-start", mode=mode, hosts=result.hosts, steps=result.steps,
                           inventory=str(self.inventory.path), run_id=self.run_id)
+        background: Future[None] | None = None
         try:
-            if not self._connect_master(result, mode):
+            master = self._open_master(result, mode)
+            if master is None:
                 return result
-            self._parallel(lambda node: self._gather_worker(node, result, mode), self.workers)
+            # Workers are connected and read while the master is locked and read: reading
+            # changes nothing, and a worker waits for the lock before resolving anything.
+            background = self._in_background(
+                lambda: self._parallel(lambda node: self._gather_worker(node, result, mode),
+                                       self.workers))
+            master_error = self._prepare_master(master, result, mode)
+            background.result()
+            if master_error is not None:
+                self._master_failed(result, mode, master_error)
+                return result
             if mode == "facts":
                 return result
             if mode in ("plan", "check"):
@@ -309,10 +321,13 @@ class Runner:
             return result
         except (KeyboardInterrupt, Interrupted):
             self.cancel.set()
+            if background is not None:
+                wait([background])  # the workers notice the cancel and stop
             result.interrupted = True
             self._mark_interrupted(result)
             return result
         finally:
+            self._lock_ready.set()
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
@@ -323,16 +338,38 @@ class Runner:
 
     # ------------------------------------------------------------------ phases
 
-    def _connect_master(self, result: RunResult, mode: Mode) -> bool:
+    def _in_background(self, work: Callable[[], None]) -> Future[None]:
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
+            return pool.submit(work)
+        finally:
+            pool.shutdown(wait=False)
+
+    def _open_master(self, result: RunResult, mode: Mode) -> Host | None:
+        """Connect the master (every worker's gateway) before anything fans out."""
         master_node = self.inventory.master_node
         try:
             self.reporter.host_status(master_node.name, "connecting")
             master = self.connector.open(master_node)
-            if mode == "check":
-                result.checks.append(CheckItem(master_node.name, "ssh from admin", "pass",
-                                               f"{self.inventory.master.address}"))
+        except Interrupted:
+            raise
+        except HomeclustError as exc:
+            self._master_failed(result, mode, exc)
+            return None
+        if mode == "check":
+            result.checks.append(CheckItem(master_node.name, "ssh from admin", "pass",
+                                           f"{self.inventory.master.address}"))
+        return master
+
+    def _prepare_master(self, master: Host, result: RunResult, mode: Mode
+                        ) -> HomeclustError | None:
+        """Take the run lock (``up``), read the master's facts, resolve what is pending;
+        returns why the master is not usable (recorded once the workers are read)."""
+        master_node = self.inventory.master_node
+        try:
             if mode == "apply":
                 self._lock = master.hold_lock(LOCK_PATH, _lock_owner(), self.run_id)
+            self._lock_ready.set()
             self.reporter.host_status(master_node.name, "reading facts")
             self.gather(master)
             self._pending(master_node, master, result, mode)
@@ -340,13 +377,17 @@ class Runner:
         except Interrupted:
             raise
         except HomeclustError as exc:
-            self._fail_all(result, f"master {master_node.name}: {exc}")
-            if mode == "check":
-                result.checks.append(CheckItem(
-                    master_node.name, "ssh from admin", "fail", exc.message,
-                    exc.hint or "is the master up and `[master] address` right?"))
-            return False
-        return True
+            self._lock_ready.set()
+            return exc
+        return None
+
+    def _master_failed(self, result: RunResult, mode: Mode, exc: HomeclustError) -> None:
+        master_node = self.inventory.master_node
+        self._fail_all(result, f"master {master_node.name}: {exc}")
+        if mode == "check":
+            result.checks.append(CheckItem(
+                master_node.name, "ssh from admin", "fail", exc.message,
+                exc.hint or "is the master up and `[master] address` right?"))
 
     def _gather_worker(self, node: Node, result: RunResult, mode: Mode) -> None:
         try:
@@ -371,7 +412,8 @@ class Runner:
 
     def _fail_all(self, result: RunResult, message: str) -> None:
         for node in self.nodes:
-            self._host_error(result, node, message)
+            if node.name not in result.host_errors:
+                self._host_error(result, node, message)
 
     def _host_error(self, result: RunResult, node: Node, message: str) -> None:
         with self._facts_lock:
@@ -411,6 +453,11 @@ class Runner:
         transactions = self.facts[node.name].transactions
         if not transactions:
             return
+        if mode == "apply":
+            # Resolve only under the run lock (workers are read while it is being taken).
+            self._lock_ready.wait()
+            if self._lock is None:
+                return
         if mode != "apply":
             # Read-only: say what will happen; the plan must not call the host in sync.
             for txn in transactions:

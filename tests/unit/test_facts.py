@@ -545,6 +545,7 @@ def test_gather_script_runs_and_its_sections_parse(tmp_path: Path) -> None:
         paths=frozenset({f"{config}/*.conf", str(big), "/nonexistent/homeclust-*.conf"}),
         secret_paths=frozenset({f"{config}/*.key"}),
         packages=frozenset({"homeclust-no-such-package"}),
+        sysctls=frozenset({"kernel.pid_max", "kernel.homeclust_no_such_key"}),
         extra=(words,),
     )
     result = subprocess.run(["/bin/sh", "-s", "10.77.0.50 51234 10.77.0.10 22"],
@@ -563,6 +564,11 @@ def test_gather_script_runs_and_its_sections_parse(tmp_path: Path) -> None:
     assert "sha256sum" in facts.commands
     assert facts.packages == {}
     assert facts.get(words) == ["alpha", "=", "1", "second", "line"]
+    # Whole values (a /proc/sys file read a byte at a time gives only its first digit).
+    pid_max = Path("/proc/sys/kernel/pid_max").read_text().strip()
+    assert facts.sysctls["kernel.pid_max"].value == pid_max and len(pid_max) > 1
+    assert facts.sysctls["kernel.homeclust_no_such_key"] == Sysctl(None, False)
+    assert facts.hostname == Path("/proc/sys/kernel/hostname").read_text().strip()
     # A secret file is read for planning, but its content never reaches the log.
     secret = facts.files[f"{config}/wifi.key"]
     assert secret.secret and secret.text == "psk=hunter2\n"
@@ -618,12 +624,16 @@ def test_apt_install_retries_once_after_updating_the_lists(tmp_path: Path) -> No
     assert "iptables iptables-persistent" in command  # sorted, no duplicates
     log = tmp_path / "apt.log"
     fake = (
+        f"dpkg() {{ echo \"$DEBIAN_FRONTEND dpkg $*\" >> {log}; }}\n"
         f"apt-get() {{ echo \"$DEBIAN_FRONTEND $*\" >> {log};"
         f" [ \"$1\" = update ] && touch {tmp_path}/updated && return 0;"
         f" [ -e {tmp_path}/updated ]; }}\n"
     )
     subprocess.run(["/bin/bash", "-c", fake + command], check=True, timeout=10)
     calls = log.read_text().splitlines()
+    # An interrupted earlier install is finished first, then install, update, install.
+    assert calls[0] == "noninteractive dpkg --configure -a --force-confdef --force-confold"
+    calls = calls[1:]
     assert [c.split()[1] for c in calls] == ["install", "update", "install"]
     assert calls[0].startswith("noninteractive ") and calls[2].startswith("noninteractive ")
     assert "--force-confold" in calls[0] and "--no-install-recommends" in calls[0]
