@@ -551,10 +551,12 @@ class Lab:
 
     def uplink(self) -> lab_uplink.Uplink:
         """The uplink setting recorded by ``set_uplink`` (unlimited when never set)."""
+        if self._state() is None:
+            raise LabError(f"the lab of cluster {self.cluster} is not up", hint="homeclust lab up")
         return lab_uplink.recorded_uplink(self.paths.uplink)
 
     def _describe_uplink(self, plan: LabPlan) -> str:
-        wanted = self.uplink()
+        wanted = lab_uplink.recorded_uplink(self.paths.uplink)
         shown = lab_uplink.read_shaping(plan)
         text = wanted.describe()
         disagree = [f"{port}: {lab_uplink.format_rate(rate)}" for port, rate in shown.items()
