@@ -74,6 +74,25 @@ def check(c: Context, host: str = "", only: str = "", inventory: str = DEFAULT_I
     _execute("check", inventory, hosts=_split(host), only=_split(only))
 
 
+@task(name="accept-host-key", help={
+    "node": "The reinstalled node.", "inventory": _HELP["inventory"],
+    "fingerprint": "Accept only this fingerprint (SHA256:…, read on the node), without asking."})
+def accept_host_key(c: Context, node: str, fingerprint: str = "",
+                    inventory: str = DEFAULT_INVENTORY) -> None:
+    """Accept a reinstalled node's new SSH host key (then run `invoke up`)."""
+    try:
+        offer, accepted = api.accept_host_key(
+            inventory, node, fingerprint=fingerprint or None,
+            confirm=lambda offer: input(f"{offer.node} now offers {offer.offered} (pinned: "
+                                        f"{', '.join(offer.pinned) or 'nothing'}). Accept? [y/N] "
+                                        ).strip().lower() in ("y", "yes"))
+    except HomeclustError as exc:
+        raise Exit(f"error: {exc}", code=exc.exit_code) from None
+    if not accepted:
+        raise Exit(f"{offer.node}: not accepted; nothing changed", code=1)
+    print(f"{offer.node}: {offer.offered} is pinned; next: invoke up")
+
+
 def _step_task(name: str, summary: str) -> Task[Any]:
     def run_step(c: Context, host: str = "", inventory: str = DEFAULT_INVENTORY,
                  dry_run: bool = False) -> None:
@@ -85,4 +104,4 @@ def _step_task(name: str, summary: str) -> Task[Any]:
     return Task(run_step, name=name, help=_help("host", "inventory", "dry_run"))
 
 
-ns = Collection(up, plan, check, *(_step_task(n, s.summary) for n, s in REGISTRY.items()))
+ns = Collection(up, plan, check, accept_host_key, *(_step_task(n, s.summary) for n, s in REGISTRY.items()))

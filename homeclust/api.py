@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from homeclust.errors import UsageError
+from homeclust.errors import HostKeyChangedError, UsageError
 from homeclust.facts import summarize
 from homeclust.inventory import Inventory, Node, load_inventory
 from homeclust.output import LineReporter, QuietReporter, render_plain, result_json
@@ -23,7 +23,8 @@ from homeclust.runlog import RunLog
 from homeclust.runner import Reporter, Runner, RunResult
 from homeclust.steps import resolve_steps
 from homeclust.steps.base import Step
-from homeclust.transport import Connector, SshConnector
+from homeclust.transport import Connector, SshConnector, pin_name
+from homeclust.transport import fingerprint as key_fingerprint
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -145,3 +146,56 @@ def show_facts(inventory_path: str | Path, hosts: Sequence[str], *, as_json: boo
             print(errors.get(name, "no facts") if summary is None
                   else json.dumps(summary, indent=2))
     return 1 if errors else 0
+
+
+@dataclass(frozen=True)
+class HostKeyOffer:
+    """What ``accept-host-key`` found: the key a node offers and what is pinned for it."""
+
+    node: str
+    pinned_as: str
+    offered: str  # "TYPE SHA256:…"
+    pinned: tuple[str, ...]
+
+    @property
+    def already_pinned(self) -> bool:
+        return self.offered in self.pinned
+
+
+def accept_host_key(inventory_path: str | Path, name: str, *, fingerprint: str | None,
+                    confirm: Callable[[HostKeyOffer], bool],
+                    connector: SshConnector | None = None) -> tuple[HostKeyOffer, bool]:
+    """Show the host key ``name`` offers now and, once confirmed, pin it instead of the old one.
+
+    ``fingerprint`` (``SHA256:…``, e.g. read on the node's console with ``ssh-keygen -lf
+    /etc/ssh/ssh_host_ed25519_key.pub``) confirms without asking; a different one is
+    refused.  Otherwise ``confirm`` decides.  Returns the offer and whether it was
+    accepted.  Only homeclust's pin changes here; the next ``up`` puts the key in every
+    node's ``ssh_known_hosts``.
+    """
+    inventory = load_inventory(inventory_path)
+    node = inventory.node(name)
+    owned = connector is None
+    connector = connector or SshConnector(inventory)
+    try:
+        key = connector.offered_host_key(node)
+    finally:
+        if owned:
+            connector.close()
+    hostname = pin_name(*inventory.ssh_target(node))
+    offer = HostKeyOffer(
+        node.name, hostname, f"{key.get_name()} {key_fingerprint(key)}",
+        tuple(f"{k.get_name()} {key_fingerprint(k)}" for k in connector.keys.pinned(hostname)))
+    if offer.already_pinned:
+        return offer, True
+    if fingerprint is not None:
+        if fingerprint.strip() != key_fingerprint(key):
+            raise HostKeyChangedError(
+                f"{node.name} offers {offer.offered}, not {fingerprint.strip()}: not accepted",
+                hint="compare with the fingerprint on the node's console: "
+                "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
+    elif not confirm(offer):
+        return offer, False
+    connector.keys.replace(hostname, key, node.name)
+    return offer, True
+

@@ -158,6 +158,46 @@ def facts(ctx: click.Context, hosts: tuple[str, ...], as_json: bool) -> None:
     ctx.exit(_api().show_facts(_inventory(ctx), hosts, as_json=as_json))
 
 
+@cli.command("accept-host-key")
+@click.argument("node")
+@click.option("--fingerprint", metavar="SHA256:…",
+              help="Accept only this fingerprint (read on the node itself), without asking.")
+@click.option("--yes", is_flag=True, help="Accept whatever key the node offers, without asking.")
+@click.pass_context
+def accept_host_key(ctx: click.Context, node: str, fingerprint: str | None, yes: bool) -> None:
+    """Accept NODE's new SSH host key after a reinstall.
+
+    homeclust pins every node's host key on first contact and refuses a node
+    whose key changed.  This shows the key NODE offers now next to the pinned
+    one and, once you confirm, pins the new one.  Then run `homeclust up`: it
+    gives every node's /etc/ssh/ssh_known_hosts the new key.
+    """
+    interactive = sys.stdin.isatty()
+    if fingerprint is None and not yes and not interactive:
+        raise click.UsageError("not a terminal: pass --fingerprint SHA256:… (or --yes) to accept")
+
+    api = _api()
+
+    def ask(offer: Any) -> bool:
+        click.echo(f"{offer.node} ({offer.pinned_as}) now offers {offer.offered}")
+        for old in offer.pinned or ("(nothing pinned yet)",):
+            click.echo(f"  pinned: {old}")
+        return yes or click.confirm("Accept the new key?", default=False)
+
+    offer, accepted = api.accept_host_key(_inventory(ctx), node, fingerprint=fingerprint,
+                                          confirm=ask)
+    if offer.already_pinned:
+        click.echo(f"{offer.node}: {offer.offered} is already the pinned key; nothing to do")
+    elif accepted:
+        click.echo(f"{offer.node}: pinned {offer.offered}"
+                   + (f" (was {', '.join(offer.pinned)})" if offer.pinned else ""))
+        click.echo("next: `homeclust up` (or `homeclust up --only ssh-keys`) gives every node's "
+                   "ssh_known_hosts the new key")
+    else:
+        click.echo(f"{offer.node}: not accepted; nothing changed")
+    ctx.exit(0 if accepted else 1)
+
+
 @cli.command("inventory")
 @_json_option
 @click.pass_context

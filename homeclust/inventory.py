@@ -119,6 +119,11 @@ class UserSpec:
     gid: int
     shell: str
 
+    @property
+    def home(self) -> str:
+        """Where the account lives on every node (useradd's default; not configurable)."""
+        return f"/home/{self.name}"
+
 
 @dataclass(frozen=True)
 class CheckSpec:

@@ -106,6 +106,49 @@ class Platform:
         """Firewall managers that would replace homeclust's rules behind its back."""
         return ("ufw", "firewalld") if self.family == "debian" else ("firewalld",)
 
+    # -- ssh and MPI ------------------------------------------------------------
+
+    @property
+    def ssh_client_package(self) -> str:
+        """The package with ``ssh``, ``ssh-keygen`` and ``scp``."""
+        return "openssh-client" if self.family == "debian" else "openssh-clients"
+
+    @property
+    def mpi_packages(self) -> tuple[str, ...]:
+        """Open MPI's runtime (``mpirun``, ``orted``, the libraries) and mpi4py, which
+        runs the check's data exchange without a compiler on any node.
+
+        Debian: both in main, ``mpirun`` on the default PATH through alternatives.
+        RHEL: ``openmpi`` (base) and mpi4py built against it (EPEL); CentOS 7's
+        EPEL only has it for Python 2.
+        """
+        if self.family == "debian":
+            return ("openmpi-bin", "python3-mpi4py")
+        if self.major == 7:
+            return ("openmpi", "mpi4py-openmpi")
+        return ("openmpi", "python3-mpi4py-openmpi")
+
+    @property
+    def mpi_repo_packages(self) -> tuple[str, ...]:
+        """Packages that must be installed (first) for :attr:`mpi_packages` to resolve."""
+        return () if self.family == "debian" else ("epel-release",)
+
+    @property
+    def mpi_python(self) -> str:
+        """The interpreter mpi4py is installed for."""
+        return "python" if self.family == "rhel" and self.major == 7 else "python3"
+
+    def mpi_sysconfdir(self, machine: str) -> str:
+        """Where Open MPI reads ``openmpi-mca-params.conf`` and its default hostfile
+        (``machine``: ``uname -m``; RHEL packages one Open MPI per architecture)."""
+        return "/etc/openmpi" if self.family == "debian" else f"/etc/openmpi-{machine}"
+
+    @property
+    def mpi_prefix(self) -> str | None:
+        """Open MPI's installation prefix when it is off the default paths (RHEL: the
+        environment-modules layout), else None (Debian: /usr, nothing to set)."""
+        return None if self.family == "debian" else "/usr/lib64/openmpi"
+
     # -- files ------------------------------------------------------------------
 
     @property

@@ -370,16 +370,20 @@ class Runner:
             if mode == "apply":
                 self._lock = master.hold_lock(LOCK_PATH, _lock_owner(), self.run_id)
             self._lock_ready.set()
-            self.reporter.host_status(master_node.name, "reading facts")
-            self.gather(master)
-            self._pending(master_node, master, result, mode)
-            self.reporter.host_status(master_node.name, "ready")
+            self._read(master_node, master, result, mode)
         except Interrupted:
             raise
         except HomeclustError as exc:
             self._lock_ready.set()
             return exc
         return None
+
+    def _read(self, node: Node, host: Host, result: RunResult, mode: Mode) -> None:
+        """Read a host's facts and deal with what an earlier run left pending there."""
+        self.reporter.host_status(node.name, "reading facts")
+        self.gather(host)
+        self._pending(node, host, result, mode)
+        self.reporter.host_status(node.name, "ready")
 
     def _master_failed(self, result: RunResult, mode: Mode, exc: HomeclustError) -> None:
         master_node = self.inventory.master_node
@@ -397,10 +401,7 @@ class Runner:
                 result.checks.append(CheckItem(
                     node.name, f"ssh via {self.inventory.master.name}", "pass",
                     str(node.private_address)))
-            self.reporter.host_status(node.name, "reading facts")
-            self.gather(host)
-            self._pending(node, host, result, mode)
-            self.reporter.host_status(node.name, "ready")
+            self._read(node, host, result, mode)
         except Interrupted:
             raise
         except HomeclustError as exc:
@@ -633,13 +634,30 @@ class Runner:
         host = self.connector.open(node)
         warnings = list(plan.warnings)
         done: list[str] = []
+        diff = ""
+        if plan.incomplete:
+            # These changes create what the rest is planned from (a generated key, a
+            # file a package installs): apply them, look again, plan the rest.
+            warnings += self._run_batch(host, step, node, plan.changes)
+            done = [c.description for c in plan.changes]
+            diff = plan.diff()
+            self.gather(host)
+            plan = self._plan_step(step, node)
+            if plan.incomplete:
+                raise StepError(
+                    f"{node.name}: {step.name}: applied, but still cannot plan the rest: "
+                    f"{plan.incomplete}", hint="the run log has every command and its output")
+            warnings += [w for w in plan.warnings if w not in warnings]
+            if not plan.has_changes:
+                return StepOutcome(node.name, step.name, "changed", done, diff, warnings)
         armed = plan
         if plan.changes:
             warnings += self._run_batch(host, step, node, plan.changes)
-            done = [c.description for c in plan.changes]
+            done += [c.description for c in plan.changes]
             if not plan.guarded:
                 self._check_converged(step, node, host)
-                return StepOutcome(node.name, step.name, "changed", done, plan.diff(), warnings)
+                return StepOutcome(node.name, step.name, "changed", done, diff + plan.diff(),
+                                   warnings)
             # Packages and files are in place and checked before the guard's timer starts.
             self.gather(host)
             armed = self._plan_step(step, node)
@@ -649,14 +667,16 @@ class Runner:
                     "guarded part: " + "; ".join(c.description for c in armed.changes),
                     hint="the run log has every command and its output")
             if not armed.guarded:
-                return StepOutcome(node.name, step.name, "changed", done, plan.diff(), warnings)
+                return StepOutcome(node.name, step.name, "changed", done, diff + plan.diff(),
+                                   warnings)
         try:
             warnings += self._run_guarded(step, node, host, armed)
         except RolledBackError as exc:
             what = f" (already done: {'; '.join(done)})" if done else ""
-            return StepOutcome(node.name, step.name, "rolled-back", done, plan.diff(), warnings,
-                               error=f"{exc}{what}")
-        return StepOutcome(node.name, step.name, "changed", plan.descriptions(), plan.diff(),
+            return StepOutcome(node.name, step.name, "rolled-back", done, diff + plan.diff(),
+                               warnings, error=f"{exc}{what}")
+        return StepOutcome(node.name, step.name, "changed",
+                           done + [c.description for c in armed.guarded], diff + plan.diff(),
                            warnings)
 
     def _run_batch(self, host: Host, step: Step, node: Node, changes: Sequence[Change]

@@ -197,43 +197,46 @@ exit 0
 """
 
 
+def _recovery_unit(description: str, order: str, phase: str, marker: str, wanted_by: str
+                   ) -> str:
+    """A oneshot unit running every transaction's rollback.sh in ``phase`` if ``marker``
+    exists in its directory."""
+    return f"""\
+[Unit]
+Description={description}
+{order}
+ConditionDirectoryNotEmpty={TXN_DIR}
+
+[Service]
+Type=oneshot
+Environment=HC_PHASE={phase}
+ExecStart=/bin/sh -c 'for t in {TXN_DIR}/*/; do [ -e "$$t/{marker}" ] && \
+/bin/sh "$$t/rollback.sh"; done; true'
+
+[Install]
+WantedBy={wanted_by}
+"""
+
+
 def _recovery_units() -> dict[str, str]:
-    """Boot-time units that roll back what a reboot interrupted (installed once per host)."""
-    each = f"for t in {TXN_DIR}/*/; do"
-    early = f"""\
-[Unit]
-Description=Roll back homeclust changes that a reboot left unconfirmed (files, units)
-DefaultDependencies=no
-After=local-fs.target
-Before=sysinit.target systemd-sysctl.service network-pre.target netfilter-persistent.service \
-iptables.service ip6tables.service NetworkManager.service networking.service network.service \
-systemd-networkd.service
-Wants=network-pre.target
-ConditionDirectoryNotEmpty={TXN_DIR}
-
-[Service]
-Type=oneshot
-Environment=HC_PHASE=early
-ExecStart=/bin/sh -c '{each} [ -e "$$t/armed" ] && /bin/sh "$$t/rollback.sh"; done; true'
-
-[Install]
-WantedBy=sysinit.target
-"""
-    late = f"""\
-[Unit]
-Description=Finish rolling back homeclust changes that a reboot left unconfirmed (live state)
-After=network.target network-online.target multi-user.target
-ConditionDirectoryNotEmpty={TXN_DIR}
-
-[Service]
-Type=oneshot
-Environment=HC_PHASE=late
-ExecStart=/bin/sh -c '{each} [ -e "$$t/restore-late" ] && /bin/sh "$$t/rollback.sh"; done; true'
-
-[Install]
-WantedBy=multi-user.target
-"""
-    return {RECOVER_EARLY_UNIT: early, RECOVER_LATE_UNIT: late}
+    """Boot-time units that roll back what a reboot interrupted (installed once per host):
+    the early one before the network, the sysctls and the rules loaders start (files and
+    unit states), the late one once the system is up (the live part)."""
+    early_order = (
+        "DefaultDependencies=no\nAfter=local-fs.target\n"
+        "Before=sysinit.target systemd-sysctl.service network-pre.target "
+        "netfilter-persistent.service iptables.service ip6tables.service "
+        "NetworkManager.service networking.service network.service systemd-networkd.service\n"
+        "Wants=network-pre.target")
+    return {
+        RECOVER_EARLY_UNIT: _recovery_unit(
+            "Roll back homeclust changes that a reboot left unconfirmed (files, units)",
+            early_order, "early", "armed", "sysinit.target"),
+        RECOVER_LATE_UNIT: _recovery_unit(
+            "Finish rolling back homeclust changes that a reboot left unconfirmed (live state)",
+            "After=network.target network-online.target multi-user.target", "late",
+            "restore-late", "multi-user.target"),
+    }
 
 
 def _install_recovery_units() -> str:

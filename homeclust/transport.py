@@ -136,15 +136,33 @@ class PinnedHostKeys:
                     client.get_host_keys().add(hostname, keytype, key)
         client.set_missing_host_key_policy(_TrustOnFirstUse(self, label))
 
+    def pinned(self, hostname: str) -> list[paramiko.PKey]:
+        """The keys pinned for ``hostname`` (a :func:`pin_name`)."""
+        with self._lock:
+            found = self._keys.lookup(hostname)
+            return list(found.values()) if found else []
+
+    def replace(self, hostname: str, key: paramiko.PKey, label: str) -> None:
+        """Pin ``key`` as the only key of ``hostname`` (a node reinstalled on purpose)."""
+        with self._lock:
+            self._keys.pop(hostname, None)
+            self._keys.add(hostname, key.get_name(), key)
+            self._save()
+        log.info("replaced the pinned host key of %s with %s %s in %s", label, key.get_name(),
+                 fingerprint(key), self.path)
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+        self._keys.save(str(tmp))
+        os.replace(tmp, self.path)
+
     def pin(self, hostname: str, key: paramiko.PKey, label: str) -> None:
         with self._lock:
             if self._keys.lookup(hostname):
                 return
             self._keys.add(hostname, key.get_name(), key)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-            self._keys.save(str(tmp))
-            os.replace(tmp, self.path)
+            self._save()
         log.info("pinned host key of %s (%s %s) in %s", label, key.get_name(),
                  fingerprint(key), self.path)
 
@@ -154,9 +172,15 @@ class PinnedHostKeys:
             f"host key of {label} ({hostname}) has changed: pinned {exc.expected_key.get_name()} "
             f"{fingerprint(exc.expected_key)}, offered {exc.key.get_name()} "
             f"{fingerprint(exc.key)}; refusing to connect",
-            hint=f"if {label} was reinstalled on purpose, forget the old key with "
-            f"`ssh-keygen -R '{hostname}' -f {self.path}` and run again",
+            hint=f"if {label} was reinstalled on purpose, accept its new key with "
+            f"`homeclust accept-host-key {label}` (it shows the new fingerprint first; then "
+            "`homeclust up` gives every node the new key)",
         )
+
+
+def pin_name(address: str, port: int) -> str:
+    """The name a host's key is pinned under (OpenSSH's and paramiko's known_hosts form)."""
+    return address if port == 22 else f"[{address}]:{port}"
 
 
 class _TrustOnFirstUse(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]
@@ -509,6 +533,37 @@ class SshConnector:
                 # Worker connections rode on the old master connection.
                 self._drop_workers()
         return host
+
+    def offered_host_key(self, node: Node) -> paramiko.PKey:
+        """The host key ``node``'s sshd offers now: read during the key exchange, before
+        (and without) authenticating or trusting it.  Workers are asked through the
+        master's (pinned) connection, as always."""
+        ssh = self.inventory.ssh
+        address, port = self.inventory.ssh_target(node)
+        sock: Any
+        try:
+            if node.is_master:
+                sock = socket.create_connection((address, port), timeout=ssh.connect_timeout)
+            else:
+                master = self._master()
+                sock = master.transport.open_channel(
+                    "direct-tcpip", (address, port), ("127.0.0.1", 0),
+                    timeout=ssh.connect_timeout)
+        except HostKeyChangedError:
+            raise
+        except Exception as exc:
+            raise describe_connect_failure(node.name, exc, None if node.is_master
+                                           else self.inventory.master.name) from None
+        transport = paramiko.Transport(sock)
+        transport.banner_timeout = ssh.connect_timeout
+        try:
+            transport.start_client(timeout=ssh.connect_timeout)
+            key: paramiko.PKey = transport.get_remote_server_key()
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise ConnectError(f"{node.name}: no host key offered: {exc}") from None
+        finally:
+            transport.close()
+        return key
 
     def close(self) -> None:
         with self._lock:

@@ -12,12 +12,15 @@ from homeclust.errors import UsageError
 from homeclust.inventory import Inventory
 from homeclust.steps.base import Step
 from homeclust.steps.firewall import FirewallStep
+from homeclust.steps.mpi import MpiStep
 from homeclust.steps.nat import NatStep
 from homeclust.steps.network import NetworkStep
+from homeclust.steps.sshkeys import SshKeysStep
 
 #: Registry order is the documented order; dependencies must point backwards.
 REGISTRY: dict[str, Step] = {
-    step.name: step for step in (NetworkStep(), FirewallStep(), NatStep())
+    step.name: step for step in (NetworkStep(), FirewallStep(), NatStep(), SshKeysStep(),
+                                 MpiStep())
 }
 
 

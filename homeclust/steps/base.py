@@ -88,6 +88,13 @@ class StepPlan:
     ``changes`` are applied first, unguarded (packages, files that are not
     live yet, anything that cannot cut anyone off); ``guarded`` are applied
     after them under ``guard``, all at once, detached from the SSH session.
+
+    ``incomplete`` (non-empty: what is still to come) says that the rest of
+    the plan can only be made once ``changes`` have run, because they create
+    what it is planned from -- a key pair generated on the host, a
+    configuration file a package installs.  ``up`` then applies ``changes``,
+    reads the facts again and plans once more; ``plan`` shows it as a pending
+    change.
     """
 
     step: str
@@ -96,11 +103,15 @@ class StepPlan:
     warnings: tuple[str, ...] = ()
     guard: Guard | None = None
     guarded: tuple[Change, ...] = ()
+    incomplete: str = ""
 
     def __post_init__(self) -> None:
         if bool(self.guarded) != (self.guard is not None):
             raise StepError(f"{self.host}: {self.step}: guarded changes need a guard and a "
                             "guard needs guarded changes (planner bug)")
+        if self.incomplete and not self.changes:
+            raise StepError(f"{self.host}: {self.step}: a plan that is completed after its "
+                            "changes ran needs changes (planner bug)")
 
     @property
     def has_changes(self) -> bool:
@@ -111,7 +122,8 @@ class StepPlan:
         return self.changes + self.guarded
 
     def descriptions(self) -> list[str]:
-        return [c.description for c in self.all_changes]
+        then = [f"then: {self.incomplete}"] if self.incomplete else []
+        return [c.description for c in self.all_changes] + then
 
     def diff(self) -> str:
         return diff_text(self.all_changes)

@@ -101,7 +101,7 @@ def test_changed_host_key_is_refused_with_a_way_out(lab: Lab, lab_inventory_path
         connector.close()
     message = str(info.value)
     assert "worker2" in message and "has changed" in message
-    assert f"ssh-keygen -R '192.168.10.3' -f {pinned}" in message
+    assert "homeclust accept-host-key worker2" in message
 
 
 def _raw_inventory(path: Path) -> dict:  # type: ignore[type-arg]

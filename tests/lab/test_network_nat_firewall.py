@@ -38,6 +38,7 @@ from tests.lab.helpers import (
 pytestmark = pytest.mark.lab
 
 NODES = ("master", "worker1", "worker2", "worker3")
+#: The steps this module tests (plan and check too: the later steps are not set up here).
 STEPS = "network,nat,firewall"
 
 
@@ -74,7 +75,7 @@ def test_fresh_master_answers_ssh_over_ipv6(fresh: Lab) -> None:
 
 def test_up_configures_the_cluster_and_check_passes(configured: Lab,
                                                     lab_inventory_path: Path) -> None:
-    code, data = homeclust_json(lab_inventory_path, "check")
+    code, data = homeclust_json(lab_inventory_path, "check", "--only", STEPS)
     assert code == 0, failed_checks(data)
     names = {(c["host"], c["check"]) for c in data["checks"] if c["status"] == "pass"}
     for node in NODES:
@@ -172,7 +173,7 @@ def test_second_up_changes_nothing_and_plan_is_clean(configured: Lab,
     code, data = homeclust_json(lab_inventory_path, "up", "--only", STEPS)
     assert code == 0, data
     assert set(statuses(data).values()) == {"unchanged"}, statuses(data)
-    done = homeclust(lab_inventory_path, "plan")
+    done = homeclust(lab_inventory_path, "plan", "--only", STEPS)
     assert done.returncode == 0, done.stdout + done.stderr
     after = {node: snapshot(configured, node) for node in NODES}
     assert after == before
@@ -188,7 +189,7 @@ def test_warning_for_read_only_conntrack_max(configured: Lab, lab_inventory_path
 def test_hand_added_rule_is_drift_and_up_removes_it(configured: Lab,
                                                     lab_inventory_path: Path) -> None:
     sh(configured, "worker1", "iptables -I INPUT -p tcp --dport 9999 -j ACCEPT")
-    code, data = homeclust_json(lab_inventory_path, "check")
+    code, data = homeclust_json(lab_inventory_path, "check", "--only", STEPS)
     assert code == 1
     assert any(c["host"] == "worker1" and c["check"] == "firewall in sync"
                and c["status"] == "fail" for c in data["checks"])
@@ -199,7 +200,7 @@ def test_hand_added_rule_is_drift_and_up_removes_it(configured: Lab,
     assert statuses(data)[("worker1", "firewall")] == "changed"
     assert statuses(data)[("worker2", "firewall")] == "unchanged"
     assert "9999" not in sh(configured, "worker1", "iptables-save")
-    assert homeclust(lab_inventory_path, "check").returncode == 0
+    assert homeclust(lab_inventory_path, "check", "--only", STEPS).returncode == 0
 
 
 def test_one_step_on_one_host_leaves_the_rest_intact(configured: Lab,
@@ -227,7 +228,7 @@ def test_reboots_keep_everything(configured: Lab, lab_inventory_path: Path) -> N
     before = {node: snapshot(configured, node) for node in ("master", "worker2")}
     configured.reboot("master")
     configured.reboot("worker2")
-    code, data = homeclust_json(lab_inventory_path, "check")
+    code, data = homeclust_json(lab_inventory_path, "check", "--only", STEPS)
     assert code == 0, failed_checks(data)
     after = {node: snapshot(configured, node) for node in ("master", "worker2")}
     for node in before:
@@ -324,4 +325,4 @@ def test_network_change_that_strands_a_worker_is_rolled_back(
     assert after["addresses"] == before["addresses"]
     assert after["files"] == before["files"]
     assert after["routes"] == before["routes"]
-    assert homeclust(lab_inventory_path, "check", "--host", "worker3").returncode == 0
+    assert homeclust(lab_inventory_path, "check", "--only", STEPS, "--host", "worker3").returncode == 0

@@ -168,7 +168,8 @@ def test_steps_follow_dependencies_not_typing_order() -> None:
     inventory = parse_inventory(inv(), Path("c.toml"))
     names = [s.name for s in resolve_steps(inventory, ["firewall,network", "nat"])]
     assert names == ["network", "firewall", "nat"]  # nat never forwards before the firewall
-    assert [s.name for s in resolve_steps(inventory, None, ["nat"])] == ["network", "firewall"]
+    assert [s.name for s in resolve_steps(inventory, None, ["nat"])] == [
+        "network", "firewall", "ssh-keys", "mpi"]
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -333,12 +333,13 @@ def test_every_file_a_step_writes_is_read_back_by_the_facts(name: str, node: str
         query = step.fact_query(INV)
         patterns = query.paths | query.secret_paths
         try:
-            planned = step.plan(PlanContext(INV, INV.node(node), recorded(name).facts()))
+            planned = step.plan(PlanContext(INV, INV.node(node), recorded(name).facts(query)))
         except StepError:
             # nat refuses a fresh master: plan it as the firewall step leaves one.
             if name.startswith("ubuntu"):
                 continue  # no converged Ubuntu state recorded
-            planned = step.plan(PlanContext(INV, INV.node(node), after_firewall(name).facts()))
+            planned = step.plan(PlanContext(INV, INV.node(node),
+                                            after_firewall(name).facts(query)))
         for change in planned.all_changes:
             if isinstance(change, FileChange):
                 assert any(fnmatch.fnmatch(change.path, p) for p in patterns), (step.name, change.path)

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from homeclust.changes import CommandChange
 from homeclust.inventory import Inventory, parse_inventory
 from homeclust.runner import Runner
+from homeclust.steps.base import PlanContext, StepPlan
 from tests.unit.fakes import FakeCluster, FakeConnector, TouchStep
 
 
@@ -179,3 +181,41 @@ def test_check_reports_reachability_and_drift(failing: bool) -> None:
     assert names[("worker2", "ssh via master")] == "pass"
     assert names[("worker1", "beta in sync")] == ("fail" if failing else "pass")
     assert result.exit_code() == (1 if failing else 0)
+
+
+class SeedThenUseStep(TouchStep):
+    """Plans its second file only once the first exists (a key generated on the host)."""
+
+    def plan(self, ctx: PlanContext) -> StepPlan:
+        seed, done = "/etc/seed", "/etc/uses-seed"
+        if seed not in ctx.facts.files:
+            make = CommandChange("make the seed", f"# fake-touch {seed}\ntouch {seed}")
+            return StepPlan(self.name, ctx.node.name, (make,), incomplete="use the seed")
+        if done in ctx.facts.files:
+            return StepPlan(self.name, ctx.node.name)
+        use = CommandChange("use the seed", f"# fake-touch {done}\ntouch {done}")
+        return StepPlan(self.name, ctx.node.name, (use,))
+
+
+def test_incomplete_plan_is_applied_then_planned_again_in_the_same_run() -> None:
+    cluster = FakeCluster()
+    steps = [SeedThenUseStep("seeded")]
+    planned = runner(cluster, steps=steps).plan()  # type: ignore[arg-type]
+    assert planned.outcome("master", "seeded").changes == [  # type: ignore[union-attr]
+        "make the seed", "then: use the seed"]
+    result = runner(cluster, steps=steps).apply()  # type: ignore[arg-type]
+    assert result.exit_code() == 0, result
+    outcome = result.outcome("worker1", "seeded")
+    assert outcome is not None and outcome.changes == ["make the seed", "use the seed"]
+    assert set(cluster.files["worker1"]) == {"/etc/seed", "/etc/uses-seed"}
+    again = runner(cluster, steps=steps).apply()  # type: ignore[arg-type]
+    assert {o.status for o in again.outcomes} == {"unchanged"}
+
+
+def test_a_plan_still_incomplete_after_its_changes_fails_the_step() -> None:
+    cluster = FakeCluster(ignore_apply={"worker1"})  # applies, but nothing appears
+    result = runner(cluster, steps=[SeedThenUseStep("seeded")]).apply()  # type: ignore[list-item]
+    outcome = result.outcome("worker1", "seeded")
+    assert outcome is not None and outcome.status == "failed"
+    assert "still cannot plan the rest: use the seed" in (outcome.error or "")
+    assert result.outcome("worker2", "seeded").status == "changed"  # type: ignore[union-attr]
