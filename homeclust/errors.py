@@ -5,8 +5,8 @@ own subclass so the CLI can turn them into the documented exit codes without
 knowing where they came from:
 
 * :class:`UsageError`, :class:`InventoryError` -> exit 2 (nothing was contacted)
-* :class:`ConnectError`, :class:`FactError`, :class:`StepError`,
-  :class:`ApplyError`, :class:`LabError` -> exit 1
+* :class:`ConnectError`, :class:`FactError`, :class:`StepError` (and its
+  :class:`UnsafeValueError`), :class:`ApplyError`, :class:`LabError` -> exit 1
 * :class:`Interrupted` (Ctrl-C, SIGTERM) -> exit 130
 """
 
@@ -77,6 +77,14 @@ class FactError(HomeclustError):
 
 class StepError(HomeclustError):
     """A step cannot plan for, or failed to converge on, a host."""
+
+
+class UnsafeValueError(StepError):
+    """A value cannot be written to its destination safely (a shell script, a config file).
+
+    The inventory grammar refuses such values at load time; this is the
+    renderers' own line of defence, for callers that bypassed it.
+    """
 
 
 class ApplyError(HomeclustError):

@@ -18,13 +18,10 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Network, ip_n
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from homeclust import quoting
 from homeclust.errors import InventoryError, UsageError
 
 Role = Literal["master", "worker"]
-
-_HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_INTERFACE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")
-_CLUSTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 DEFAULT_INVENTORY = "inventory.toml"
 
@@ -314,6 +311,17 @@ class _Table:
                 raise self.error(key, f"must be a list of non-empty strings, got {item!r}")
         return tuple(value)
 
+    def package_list(self, key: str, default: Sequence[str]) -> tuple[str, ...]:
+        """Package names: they end up on a package manager's command line as root."""
+        names = self.string_list(key, default)
+        for name in names:
+            if not quoting.is_package(name):
+                raise self.error(
+                    key, f"{name!r} is not a package name",
+                    hint="letters, digits and '.', '_', '+', '-', starting with a letter or digit "
+                    "(Debian's and RPM's package-name grammar)")
+        return names
+
     def int_list(self, key: str, default: Sequence[int]) -> tuple[int, ...]:
         value = self._get(key, list, list(default), False)
         for item in value:
@@ -443,7 +451,7 @@ def parse_inventory(data: Mapping[str, Any], path: Path) -> Inventory:
 
     cluster_t = _Table(path, "cluster", data.get("cluster"))
     cluster_name = cluster_t.string("name", "homeclust")
-    if not _CLUSTER_NAME_RE.match(cluster_name):
+    if not quoting.CLUSTER_NAME_RE.fullmatch(cluster_name):
         raise cluster_t.error("name", f"must be letters, digits, '.', '_' or '-'; got {cluster_name!r}")
     network = cluster_t.network("private_network", "192.168.10.0/24")
     if network.prefixlen > 30:
@@ -462,6 +470,9 @@ def parse_inventory(data: Mapping[str, Any], path: Path) -> Inventory:
 
     ssh_t = _Table(path, "ssh", data.get("ssh"))
     user = ssh_t.string("user", "root")
+    if not quoting.USER_RE.fullmatch(user):
+        raise ssh_t.error("user", f"{user!r} is not a user name",
+                          hint="letters, digits, '_', '.' and '-', not starting with '-' or a digit")
     key_path = _resolve_path(ssh_t.string("key", "~/.ssh/id_ed25519"), base_dir)
     known_hosts_raw = ssh_t.optional_string("known_hosts")
     ssh_port = ssh_t.integer("port", 22, minimum=1, maximum=65535)
@@ -505,7 +516,7 @@ def parse_inventory(data: Mapping[str, Any], path: Path) -> Inventory:
     fw_t.finish()
 
     repo_t = _Table(path, "repo", data.get("repo"))
-    repo = RepoSpec(packages=repo_t.string_list("packages", []))
+    repo = RepoSpec(packages=repo_t.package_list("packages", []))
     repo_t.finish()
 
     sched_t = _Table(path, "scheduler", data.get("scheduler"))
@@ -513,7 +524,7 @@ def parse_inventory(data: Mapping[str, Any], path: Path) -> Inventory:
     sched_t.finish()
 
     mon_t = _Table(path, "monitor", data.get("monitor"))
-    tools = mon_t.string_list("tools", ["tcpdump", "nmap", "iftop"])
+    tools = mon_t.package_list("tools", ["tcpdump", "nmap", "iftop"])
     f2b_t = mon_t.sub("fail2ban")
     fail2ban = Fail2banSpec(
         maxretry=f2b_t.integer("maxretry", 5, minimum=1),
@@ -525,9 +536,12 @@ def parse_inventory(data: Mapping[str, Any], path: Path) -> Inventory:
 
     check_t = _Table(path, "check", data.get("check"))
     egress_url = check_t.optional_string("egress_url")
-    if egress_url is not None and not re.match(r"^http://[^/\s:]+(:\d+)?(/\S*)?$", egress_url):
+    # Workers fetch it in `check` (as root): only a grammar with nothing special in it.
+    if egress_url is not None and quoting.split_egress_url(egress_url) is None:
         raise check_t.error(
-            "egress_url", f"must be a plain http:// URL (host[:port]/path), got {egress_url!r}"
+            "egress_url", f"must be a plain http:// URL (host[:port]/path), got {egress_url!r}",
+            hint="host: a DNS name or IPv4 address; port: 1-65535; path: letters, digits "
+            "and '/', '-', '.', '_', '~'",
         )
     check = CheckSpec(
         egress_url=egress_url,
@@ -560,7 +574,7 @@ def _parse_users(path: Path, data: Any) -> tuple[UserSpec, ...]:
                  and isinstance(item.get("name"), str) else f"users #{index}")
         t = _Table(path, "users", item, label)
         name = t.string("name", required=True)
-        if not _USER_NAME_RE.match(name):
+        if not _USER_NAME_RE.fullmatch(name):
             raise t.error("name", f"{name!r} is not a valid user name",
                           hint="lower-case letters, digits, '_' and '-', starting with a letter "
                           "or '_', at most 32 characters")
@@ -570,7 +584,7 @@ def _parse_users(path: Path, data: Any) -> tuple[UserSpec, ...]:
         uid = t.integer("uid", default_id, minimum=1000, maximum=60000)
         gid = t.integer("gid", uid, minimum=1000, maximum=60000)
         shell = t.string("shell", "/bin/bash")
-        if not _SHELL_RE.match(shell):
+        if not _SHELL_RE.fullmatch(shell):
             raise t.error("shell", f"must be an absolute path to a shell, got {shell!r}")
         t.finish()
         if name in names:
@@ -590,7 +604,7 @@ def _resolve_path(raw: str, base_dir: Path) -> Path:
 
 
 def _check_name(table: _Table, key: str, value: str) -> str:
-    if not _HOSTNAME_RE.match(value):
+    if not quoting.is_hostname(value):
         raise table.error(
             key, f"{value!r} is not a valid host name",
             hint="use lower-case letters, digits and '-', at most 63 characters",
@@ -599,8 +613,10 @@ def _check_name(table: _Table, key: str, value: str) -> str:
 
 
 def _check_interface(table: _Table, key: str, value: str) -> str:
-    if not _INTERFACE_RE.match(value):
-        raise table.error(key, f"{value!r} is not a valid interface name (at most 15 characters)")
+    if not quoting.is_interface(value):
+        raise table.error(
+            key, f"{value!r} is not a valid interface name",
+            hint="at most 15 letters, digits, '_', '.' and '-', not starting with '-' or '.'")
     return value
 
 
@@ -619,6 +635,8 @@ def _parse_master(path: Path, data: Any, network: IPv4Network, ssh_port: int) ->
     t = _Table(path, "master", data)
     name = _check_name(t, "name", t.string("name", required=True))
     address = t.string("address", required=True)
+    if not (quoting.is_dns_name(address) or quoting.is_address(address)):
+        raise t.error("address", f"{address!r} is neither a DNS name nor an IP address")
     port = t.integer("port", ssh_port, minimum=1, maximum=65535)
     public_interface = _check_interface(t, "public_interface", t.string("public_interface", "eth0"))
     private_interface = _check_interface(t, "private_interface", t.string("private_interface", "eth1"))
@@ -658,8 +676,11 @@ def _parse_master(path: Path, data: Any, network: IPv4Network, ssh_port: int) ->
         key = "public_address" if public_address is not None else "public_gateway"
         raise t.error(key, "is only used with public_boot = \"static\"")
     dhcp_client_id = t.string("dhcp_client_id", name)
-    if not re.match(r"^[\x21-\x7e]{1,64}$", dhcp_client_id):
-        raise t.error("dhcp_client_id", "must be 1-64 printable characters without spaces")
+    # It is written into dhclient.conf, ifcfg files (sourced as shell) and keyfiles.
+    if not quoting.CLIENT_ID_RE.fullmatch(dhcp_client_id):
+        raise t.error("dhcp_client_id", f"{dhcp_client_id!r} is not a client id",
+                      hint="1-64 letters, digits, '.', '_', ':' and '-', starting with a letter "
+                      "or digit")
     private_address = t.required_address("private_address")
     # The master's private address is every worker's gateway and DNS forwarder:
     # it must be a usable host address inside the private network.

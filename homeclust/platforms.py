@@ -20,6 +20,7 @@ from typing import Literal
 
 from homeclust.errors import FactError
 from homeclust.facts import HostFacts, OsRelease
+from homeclust.quoting import PACKAGE_RE, require
 
 Family = Literal["debian", "rhel"]
 NetworkBackend = Literal["ifupdown", "netplan", "ifcfg", "nm-ifcfg", "nm-keyfile"]
@@ -40,8 +41,13 @@ class Platform:
     # -- packages ---------------------------------------------------------------
 
     def install_command(self, packages: Iterable[str]) -> str:
-        """Shell command installing ``packages`` non-interactively (keeps local config files)."""
-        names = " ".join(shlex.quote(p) for p in sorted(set(packages)))
+        """Shell command installing ``packages`` non-interactively (keeps local config files).
+
+        Names are quoted, and must be package names: a quoted ``-o...`` would still
+        be an option to the package manager.
+        """
+        names = " ".join(shlex.quote(require(p, PACKAGE_RE, "the package name"))
+                         for p in sorted(set(packages)))
         if self.package_manager == "apt":
             install = (
                 "DEBIAN_FRONTEND=noninteractive apt-get install -y -q "

@@ -20,7 +20,7 @@ import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
 from pathlib import Path
 
 from homeclust.errors import LabError
@@ -279,8 +279,9 @@ def _first_free(network: IPv4Network, used: set[IPv4Address]) -> IPv4Address:
 
 
 def _is_ip(text: str) -> bool:
+    """An address literal (IPv4 or IPv6) is no DNS name for the lab to serve."""
     try:
-        IPv4Address(text)
+        ip_address(text)
     except ValueError:
         return False
     return True

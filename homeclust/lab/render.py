@@ -1,7 +1,9 @@
 """Pure renderers for every file the lab writes, and parsers for what it reads back.
 
 No I/O here: each function takes values and returns text (or data), so all of
-it is unit-tested (tests/unit/test_lab_units.py).
+it is unit-tested (tests/unit/test_lab_units.py).  Values from the inventory
+are quoted for their file, or refused where the file has no quoting (dnsmasq's
+configuration, ``/etc/network/interfaces``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from homeclust.lab.plan import APT_RELAY_PORT, LabNode, LabPlan
+from homeclust.quoting import (
+    DNS_NAME_RE,
+    dhclient_string,
+    dnsmasq_client_id,
+    require,
+    require_hostname,
+    require_interface,
+)
 
 # --------------------------------------------------------------------------
 # Institute network services (inside the internet namespace)
@@ -33,6 +43,9 @@ def render_dnsmasq_conf(plan: LabPlan, lease_file: Path, log_file: Path) -> str:
     client id when one is sent, else the MAC -- and a pool of one address).
     """
     net = plan.institute_network
+    # dnsmasq's configuration has no quoting: a ',' or a line break in a name would
+    # add fields or options of its own.
+    names = [require(name, DNS_NAME_RE, "the DNS name") for name in plan.master_public_names]
     lines = [
         "# homeclust lab: the institute network's DHCP and DNS server.",
         "# Runs inside the lab's internet namespace; generated, do not edit.",
@@ -50,7 +63,7 @@ def render_dnsmasq_conf(plan: LabPlan, lease_file: Path, log_file: Path) -> str:
         f"address=/deb.debian.org/{plan.internet_address}",
         f"host-record=internet,{plan.internet_address}",
         f"host-record=admin,{plan.admin_address}",
-        f"host-record={','.join(plan.master_public_names)},{plan.master_public_address}",
+        f"host-record={','.join(names)},{plan.master_public_address}",
         "dhcp-authoritative",
         # Every address in the pool is the lab's to hand out; skip dnsmasq's
         # ping-before-offer delay.
@@ -69,9 +82,10 @@ def render_dnsmasq_conf(plan: LabPlan, lease_file: Path, log_file: Path) -> str:
     if not plan.master_public_static and plan.dhcp_mode == "reserved":
         # The guide's BOOTPROTO=dhcp + DHCP_CLIENT_ID: the institute reserves the
         # master's public address for its client id, so it never changes.
+        # The id in hex: exactly the bytes dhclient sends for the string id.
         lines.append(
-            f"dhcp-host=id:{plan.master_dhcp_client_id},{plan.master_public_address},"
-            f"{plan.master.name}"
+            f"dhcp-host=id:{dnsmasq_client_id(plan.master_dhcp_client_id)},"
+            f"{plan.master_public_address},{require_hostname(plan.master.name)}"
         )
     return "\n".join(lines) + "\n"
 
@@ -139,8 +153,9 @@ def render_interfaces(plan: LabPlan, node: LabNode) -> str:
     udev to raise hot-plug interfaces, so only ``auto`` ones come up at boot.
     """
     parts = [_INTERFACES_HEADER]
+    require_interface(node.private_interface)
     if node.role == "master":
-        public = plan.master_public_interface
+        public = require_interface(plan.master_public_interface)
         if plan.master_public_static:
             prefix = plan.institute_network.prefixlen
             parts.append(
@@ -177,8 +192,8 @@ def render_dhclient_conf(base: str, interface: str, client_id: str) -> str:
         f"{text}\n"
         "# The institute's DHCP server reserves the master's public address for\n"
         "# this client id (the guide's DHCP_CLIENT_ID).\n"
-        f'interface "{interface}" {{\n'
-        f'    send dhcp-client-identifier "{client_id}";\n'
+        f"interface {dhclient_string(interface)} {{\n"
+        f"    send dhcp-client-identifier {dhclient_string(client_id)};\n"
         "}\n"
     )
 
@@ -186,7 +201,7 @@ def render_dhclient_conf(base: str, interface: str, client_id: str) -> str:
 def render_hosts(hostname: str) -> str:
     return (
         "127.0.0.1\tlocalhost\n"
-        f"127.0.1.1\t{hostname}\n"
+        f"127.0.1.1\t{require_hostname(hostname)}\n"
         "\n"
         "# The following lines are desirable for IPv6 capable hosts\n"
         "::1     localhost ip6-localhost ip6-loopback\n"

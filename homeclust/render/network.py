@@ -13,6 +13,10 @@ derived from the inventory) is rendered into the backend's own files:
 plus ``/etc/hosts`` (a managed block) and ``/etc/hostname`` for all.
 Existing files that configure the same interfaces are taken over: they are
 listed as files to remove, so two configurations never fight.
+
+Every value is quoted for the file it goes to (:mod:`homeclust.quoting`);
+interface and host names, which have no quoting in ``/etc/network/interfaces``,
+``/etc/hosts`` or file names, are refused unless plain.
 """
 
 from __future__ import annotations
@@ -27,6 +31,14 @@ from typing import Literal
 from homeclust.errors import StepError
 from homeclust.inventory import Inventory, Node
 from homeclust.platforms import NetworkBackend
+from homeclust.quoting import (
+    dhclient_string,
+    ifcfg_value,
+    keyfile_value,
+    require_hostname,
+    require_interface,
+    yaml_string,
+)
 
 MANAGED = "# Managed by homeclust (network step): edit the inventory, not this file."
 
@@ -41,6 +53,11 @@ class InterfaceSpec:
     dns: tuple[IPv4Address, ...] = ()
     client_id: str | None = None
 
+    def __post_init__(self) -> None:
+        # The name is a word in /etc/network/interfaces and iptables rules and part of
+        # file names: no quoting exists there, so only plain names get this far.
+        require_interface(self.name)
+
     @property
     def static_address(self) -> IPv4Interface:
         """The address of a static interface (a planner bug if there is none)."""
@@ -50,10 +67,17 @@ class InterfaceSpec:
 
     @property
     def comment(self) -> str:
+        """One line of text about the interface, for comments in the files."""
         if self.role == "public":
-            how = f"DHCP, client id {self.client_id}" if self.method == "dhcp" else "static"
+            # ascii(): a client id is shown, never able to end the comment line.
+            shown = self.client_id if _plain(self.client_id) else ascii(self.client_id)
+            how = f"DHCP, client id {shown}" if self.method == "dhcp" else "static"
             return f"public side: institute network ({how})"
         return "private cluster network"
+
+
+def _plain(text: str | None) -> bool:
+    return text is not None and re.fullmatch(r"[A-Za-z0-9._:-]+", text) is not None
 
 
 @dataclass(frozen=True)
@@ -167,8 +191,9 @@ def render_dhclient_conf(specs: Sequence[InterfaceSpec]) -> str | None:
         "        rfc3442-classless-static-routes, ntp-servers;",
     ]
     for spec in dhcp:
-        lines += ["", f'interface "{spec.name}" {{',
-                  f'    send dhcp-client-identifier "{spec.client_id}";', "}"]
+        lines += ["", f"interface {dhclient_string(spec.name)} {{",
+                  f"    send dhcp-client-identifier {dhclient_string(spec.client_id or '')};",
+                  "}"]
     return "\n".join(lines) + "\n"
 
 
@@ -182,7 +207,8 @@ def render_resolv_conf(dns: Sequence[IPv4Address]) -> str:
 def render_netplan(specs: Sequence[InterfaceSpec]) -> str:
     lines = [MANAGED, "network:", "  version: 2", "  renderer: networkd", "  ethernets:"]
     for spec in specs:
-        lines.append(f"    {spec.name}:")
+        # Quoted: a plain YAML key such as "1e3" or "on" would not be a string.
+        lines.append(f"    {yaml_string(spec.name)}:")
         if spec.method == "dhcp":
             lines += ["      dhcp4: true", "      dhcp-identifier: mac"]
             continue
@@ -195,20 +221,23 @@ def render_netplan(specs: Sequence[InterfaceSpec]) -> str:
 
 
 def netplan_defines(text: str, names: Sequence[str]) -> bool:
-    """Whether a netplan file defines one of ``names`` (a key at ethernet level)."""
-    return any(re.search(rf"^\s+{re.escape(name)}:\s*$", text, re.MULTILINE) for name in names)
+    """Whether a netplan file defines one of ``names`` (a key at ethernet level, maybe quoted)."""
+    return any(re.search(rf"^\s+([\"']?){re.escape(name)}\1:\s*$", text, re.MULTILINE)
+               for name in names)
 
 
 # --------------------------------------------------------------------------- RHEL
 
 
 def render_ifcfg(spec: InterfaceSpec, *, nm_controlled: bool) -> str:
-    lines = [MANAGED, f"# {spec.comment}", "TYPE=Ethernet", f"DEVICE={spec.name}",
-             f"NAME={spec.name}", "ONBOOT=yes", f"NM_CONTROLLED={'yes' if nm_controlled else 'no'}"]
+    # CentOS 7 sources this file as shell: every value from the inventory is one quoted word.
+    lines = [MANAGED, f"# {spec.comment}", "TYPE=Ethernet", f"DEVICE={ifcfg_value(spec.name)}",
+             f"NAME={ifcfg_value(spec.name)}", "ONBOOT=yes",
+             f"NM_CONTROLLED={'yes' if nm_controlled else 'no'}"]
     if spec.method == "dhcp":
         lines += ["BOOTPROTO=dhcp", "DEFROUTE=yes", "PEERDNS=yes"]
         if spec.client_id:
-            lines.append(f"DHCP_CLIENT_ID={spec.client_id}")
+            lines.append(f"DHCP_CLIENT_ID={ifcfg_value(spec.client_id)}")
     else:
         lines += ["BOOTPROTO=none", f"IPADDR={spec.static_address.ip}",
                   f"PREFIX={spec.static_address.network.prefixlen}"]
@@ -233,13 +262,13 @@ def ifcfg_device(text: str) -> str | None:
 
 
 def render_nm_keyfile(spec: InterfaceSpec) -> str:
-    lines = [MANAGED, "[connection]", f"id=homeclust-{spec.name}", "type=ethernet",
-             f"interface-name={spec.name}", "autoconnect=true", "autoconnect-priority=100",
-             "", "[ethernet]", "", "[ipv4]"]
+    lines = [MANAGED, "[connection]", f"id={keyfile_value('homeclust-' + spec.name)}",
+             "type=ethernet", f"interface-name={keyfile_value(spec.name)}", "autoconnect=true",
+             "autoconnect-priority=100", "", "[ethernet]", "", "[ipv4]"]
     if spec.method == "dhcp":
         lines.append("method=auto")
         if spec.client_id:
-            lines.append(f"dhcp-client-id={spec.client_id}")
+            lines.append(f"dhcp-client-id={keyfile_value(spec.client_id)}")
     else:
         gateway = f",{spec.gateway}" if spec.gateway else ""
         lines += ["method=manual", f"address1={spec.static_address}{gateway}"]
@@ -352,6 +381,8 @@ def takedown_command(backend: NetworkBackend, interfaces: Sequence[str]) -> str:
     address left for the new identity.  Never fails: an interface that is
     already down is fine.
     """
+    for name in interfaces:
+        require_interface(name)  # also part of a pid file's path below
     if backend in ("nm-ifcfg", "nm-keyfile"):
         # NetworkManager releases the lease of the active profile on disconnect.
         return "; ".join(f"nmcli device disconnect {shlex.quote(i)} >/dev/null 2>&1"
@@ -376,6 +407,8 @@ def takedown_command(backend: NetworkBackend, interfaces: Sequence[str]) -> str:
 
 def bringup_command(backend: NetworkBackend, interfaces: Sequence[str]) -> str:
     """Bring ``interfaces`` up with the configuration on disk now (new, or restored)."""
+    for name in interfaces:
+        require_interface(name)
     if backend == "netplan":
         return "netplan generate && netplan apply"
     if backend in ("nm-ifcfg", "nm-keyfile"):
@@ -393,6 +426,8 @@ def bringup_command(backend: NetworkBackend, interfaces: Sequence[str]) -> str:
 
 def addresses_command(interfaces: Sequence[str]) -> str:
     """What the interfaces got (for the report when a trial configuration is rolled back)."""
+    for name in interfaces:
+        require_interface(name)
     return "; ".join(
         f"printf '%s: %s\\n' {shlex.quote(i)} "
         f"\"$(ip -o -4 addr show dev {shlex.quote(i)} 2>/dev/null | awk '{{print $4}}' | "
@@ -418,7 +453,8 @@ def render_hosts(inventory: Inventory, current: str | None) -> str:
     worker1``) are dropped: a node resolving its own name to loopback breaks
     MPI and the schedulers.
     """
-    names = {n.name for n in inventory.nodes}
+    # /etc/hosts has no quoting: a name with a space would map a second name.
+    names = {require_hostname(n.name) for n in inventory.nodes}
     kept: list[str] = []
     inside = False
     for line in (current if current is not None else _DEFAULT_HOSTS).splitlines():
@@ -445,4 +481,4 @@ def render_hosts(inventory: Inventory, current: str | None) -> str:
 
 
 def render_hostname(node: Node) -> str:
-    return node.name + "\n"
+    return require_hostname(node.name) + "\n"

@@ -19,15 +19,18 @@ drop the admin's own SSH path is refused before anything is sent.
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv6Address
+import shlex
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 
 from homeclust.changes import Change
 from homeclust.errors import StepError
 from homeclust.facts import FactQuery
 from homeclust.inventory import Inventory, Node
 from homeclust.render.iptables import (
+    LINK_LOCAL6,
     chain_policy,
     chain_rules,
+    comparable,
     render_filter6_table,
     render_filter_table,
 )
@@ -47,8 +50,11 @@ def admin_path_allowed(inventory: Inventory, node: Node, client: IPv4Address | I
                        arrived_on: str | None, server_port: int) -> str | None:
     """Why the rendered policy would cut the session described, or None if it would not."""
     private = inventory.cluster.private_network
-    if arrived_on == node.private_interface and (client.version == 6 or client in private):
-        return None  # IPv6 on the private interface is accepted as a whole
+    # As rendered: on the private interface IPv4 from the private network, IPv6 from
+    # link-local addresses only.
+    accepted_there = private if client.version == 4 else IPv6Network(LINK_LOCAL6)
+    if arrived_on == node.private_interface and client in accepted_there:
+        return None
     if node.is_master and arrived_on == inventory.master.public_interface:
         fw = inventory.firewall
         if server_port != inventory.ssh.port:
@@ -67,6 +73,84 @@ def admin_path_allowed(inventory: Inventory, node: Node, client: IPv4Address | I
             "which the firewall would close")
 
 
+def refuse_lockout(ctx: PlanContext) -> None:
+    """Raise a StepError if loading the rendered tables could cut the admin's SSH session.
+
+    When the session's origin is unknown (no ``$SSH_CONNECTION`` in the facts)
+    the check cannot be made: a change to the live tables is refused rather
+    than risked -- a refused change is safer than a lockout.
+    """
+    inventory, node, facts = ctx.inventory, ctx.node, ctx.facts
+    peer = facts.ssh_peer
+    if peer is None:
+        if not _live_tables_differ(ctx):
+            return  # nothing will be loaded: nothing can cut the session
+        raise StepError(
+            f"{node.name}: refusing to change the firewall: the origin of the SSH session is "
+            "unknown (no $SSH_CONNECTION on the host), so homeclust cannot check that the "
+            "new rules keep it open",
+            hint="connect over plain SSH (not through a ForceCommand or a shell that drops "
+            "$SSH_CONNECTION); nothing was changed")
+    arrived_on = facts.interface_with_address(peer.server_address)
+    problem = admin_path_allowed(inventory, node, peer.client_address, arrived_on,
+                                 peer.server_port)
+    if problem:
+        raise StepError(
+            f"{node.name}: refusing to apply a firewall that would lock you out: {problem}",
+            hint="fix [firewall] in the inventory; nothing was changed",
+        )
+
+
+def _live_tables_differ(ctx: PlanContext) -> bool:
+    """Whether the live filter table(s) differ from what would be loaded."""
+    facts = ctx.facts
+    if comparable(facts.iptables.get("filter")) != comparable(
+            render_filter_table(ctx.inventory, ctx.node)):
+        return True
+    return facts.ipv6 and comparable(facts.ip6tables.get("filter")) != comparable(
+        render_filter6_table(ctx.inventory, ctx.node))
+
+
+def _options(rule: str) -> dict[str, tuple[bool, str]]:
+    """An iptables-save rule as option -> (negated, value), values as single tokens.
+
+    Matching on tokens, not substrings: "-i eth1" must not match "-i eth10".
+    """
+    words = shlex.split(rule)
+    found: dict[str, tuple[bool, str]] = {}
+    negate = False
+    for index, word in enumerate(words):
+        if word == "!":
+            negate = True
+            continue
+        if word.startswith("-") and index + 1 < len(words) and not words[index + 1].startswith("-"):
+            found.setdefault(word, (negate, words[index + 1]))
+        negate = False
+    return found
+
+
+def _established_only(options: dict[str, tuple[bool, str]]) -> bool:
+    for option in ("--ctstate", "--state"):
+        negated, value = options.get(option, (True, ""))
+        if not negated and value and set(value.split(",")) <= {"RELATED", "ESTABLISHED"}:
+            return True
+    return False
+
+
+def forward_accepts_beyond_one_way(table_text: str | None, inside: str, outside: str
+                                   ) -> list[str]:
+    """FORWARD rules that accept more than new connections inside -> outside (and replies)."""
+    wrong = []
+    for rule in chain_rules(table_text, "FORWARD"):
+        options = _options(rule)
+        if options.get("-j", (False, ""))[1] != "ACCEPT" or _established_only(options):
+            continue
+        if options.get("-i") == (False, inside) and options.get("-o") == (False, outside):
+            continue
+        wrong.append(rule)
+    return wrong
+
+
 class FirewallStep(Step):
     name = "firewall"
     summary = "default-deny iptables policies, persistent, with lockout protection"
@@ -82,16 +166,7 @@ class FirewallStep(Step):
             if iface not in facts.interfaces:
                 raise StepError(f"{node.name}: interface {iface} does not exist",
                                 hint="run the network step first, or fix the inventory")
-        peer = facts.ssh_peer
-        if peer is not None:
-            arrived_on = facts.interface_with_address(peer.server_address)
-            problem = admin_path_allowed(inventory, node, peer.client_address, arrived_on,
-                                         peer.server_port)
-            if problem:
-                raise StepError(
-                    f"{node.name}: refusing to apply a firewall that would lock you out: {problem}",
-                    hint="fix [firewall] in the inventory; nothing was changed",
-                )
+        refuse_lockout(ctx)
         platform = ctx.platform
         services = [platform.firewall_service]
         if facts.ipv6:
@@ -135,19 +210,19 @@ class FirewallStep(Step):
                 node.name, f"{chain} policy", "pass" if policy == "DROP" else "fail",
                 f"{chain} {policy or 'no filter table'}", fix))
         if facts.ipv6:
-            policy6 = chain_policy(facts.ip6tables.get("filter"), "INPUT")
-            items.append(CheckItem(
-                node.name, "IPv6 INPUT policy", "pass" if policy6 == "DROP" else "fail",
-                f"INPUT {policy6 or 'no filter table'}", fix))
+            live6 = facts.ip6tables.get("filter")
+            for chain in ("INPUT", "FORWARD"):
+                policy6 = chain_policy(live6, chain)
+                items.append(CheckItem(
+                    node.name, f"IPv6 {chain} policy", "pass" if policy6 == "DROP" else "fail",
+                    f"{chain} {policy6 or 'no filter table'}", fix))
         if node.is_master:
             m = inventory.master
-            wrong = []
-            for rule in chain_rules(live, "FORWARD"):
-                if "-j ACCEPT" not in rule or "RELATED,ESTABLISHED" in rule:
-                    continue
-                if f"-i {m.private_interface}" in rule and f"-o {m.public_interface}" in rule:
-                    continue
-                wrong.append(rule)
+            wrong = forward_accepts_beyond_one_way(live, m.private_interface, m.public_interface)
+            if facts.ipv6:
+                # Nothing is forwarded over IPv6 at all.
+                wrong += [f"(IPv6) {rule}" for rule in forward_accepts_beyond_one_way(
+                    facts.ip6tables.get("filter"), "", "")]
             items.append(CheckItem(
                 node.name, "forwarding one-way", "fail" if wrong else "pass",
                 "accepts " + "; ".join(wrong) if wrong else

@@ -28,6 +28,7 @@ from homeclust.changes import Change, CommandChange
 from homeclust.errors import StepError
 from homeclust.facts import FactQuery
 from homeclust.inventory import Inventory, Node
+from homeclust.quoting import http_request_part, shell_word
 from homeclust.render.iptables import chain_policy, chain_rules, render_nat_table, split_rules_file
 from homeclust.steps.base import CheckItem, PlanContext, Probe, Step, StepPlan, file_change
 from homeclust.steps.netfilter import (
@@ -184,10 +185,21 @@ def forward_not_default_deny(ctx: PlanContext) -> str | None:
     return None
 
 
+#: The egress probe's code: fixed, the URL's parts come in as arguments ($1 host,
+#: $2 port, $3 path, $4 Host header), never as code or as a printf format.
+_EGRESS_CODE = (
+    'exec 3<>"/dev/tcp/$1/$2" && '
+    "printf 'GET %s HTTP/1.0\\r\\nHost: %s\\r\\nConnection: close\\r\\n\\r\\n' \"$3\" \"$4\" >&3 && "
+    "cat <&3"
+)
+
+
 def egress_probe(ctx: PlanContext) -> Probe:
     """Reach the outside from this node; on the lab, see which address the outside saw.
 
-    Uses bash's /dev/tcp so nothing needs to be installed on the node.
+    Uses bash's /dev/tcp so nothing needs to be installed on the node.  The
+    probe runs as root on every node: the URL is handed to a fixed script as
+    quoted arguments, so whatever it holds stays data.
     """
     inventory, node = ctx.inventory, ctx.node
     url = inventory.check.egress_url
@@ -197,12 +209,11 @@ def egress_probe(ctx: PlanContext) -> Probe:
         addresses = master.addresses_of(inventory.master.public_interface)
         expected = str(addresses[0].ip) if addresses else None
     if url:
-        rest = url[len("http://"):]
-        hostport, _, path = rest.partition("/")
+        hostport, _, path = url.removeprefix("http://").partition("/")
         host, _, port = hostport.partition(":")
-        request = f"GET /{path} HTTP/1.0\\r\\nHost: {hostport}\\r\\nConnection: close\\r\\n\\r\\n"
-        inner = (f"exec 3<>/dev/tcp/{host}/{port or 80} && printf '{request}' >&3 && cat <&3")
-        script = f"timeout 10 bash -c {shlex.quote(inner)}"
+        args = (host, port or "80", "/" + path, hostport)
+        script = (f"timeout 10 bash -c {shlex.quote(_EGRESS_CODE)} homeclust-egress "
+                  + " ".join(shell_word(http_request_part(arg)) for arg in args))
         target = url
     else:
         dns = inventory.cluster.dns[0]

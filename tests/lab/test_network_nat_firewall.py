@@ -73,6 +73,23 @@ def test_fresh_master_answers_ssh_over_ipv6(fresh: Lab) -> None:
     assert _ssh_over_ipv6_link_local(fresh)
 
 
+def _ipv6_ula_ssh(lab: Lab) -> bool:
+    """From worker1, SSH to the master over IPv6 with unique local (not link-local)
+    addresses added on the private side for the occasion."""
+    sh(lab, "master", "ip -6 addr add fd00:77::1/64 dev eth1 nodad")
+    sh(lab, "worker1", "ip -6 addr add fd00:77::2/64 dev eth0 nodad")
+    try:
+        return tcp_connects(lab, "worker1", "fd00:77::1", 22)
+    finally:
+        sh(lab, "master", "ip -6 addr del fd00:77::1/64 dev eth1", check=False)
+        sh(lab, "worker1", "ip -6 addr del fd00:77::2/64 dev eth0", check=False)
+
+
+def test_fresh_master_answers_ssh_from_a_private_side_ula(fresh: Lab) -> None:
+    # The control for test_ipv6_on_the_private_side_is_link_local_only.
+    assert _ipv6_ula_ssh(fresh)
+
+
 def test_up_configures_the_cluster_and_check_passes(configured: Lab,
                                                     lab_inventory_path: Path) -> None:
     code, data = homeclust_json(lab_inventory_path, "check", "--only", STEPS)
@@ -141,6 +158,15 @@ def test_ipv6_is_no_way_around_the_firewall(configured: Lab) -> None:
     assert tcp_connects(configured, "internet", str(configured.master_public_address), 22)
     assert not _ssh_over_ipv6_link_local(configured)
     assert ":INPUT DROP" in sh(configured, "master", "ip6tables-save -t filter")
+
+
+def test_ipv6_on_the_private_side_is_link_local_only(configured: Lab) -> None:
+    """IPv4 accepts only the private network on the private interface; IPv6 only link-local
+    sources (neighbour discovery), not whatever else arrives there."""
+    words = sh(configured, "master", "ip -o -6 addr show dev eth1 scope link").split()
+    master_link_local = words[3].split("/")[0]
+    assert tcp_connects(configured, "worker1", f"{master_link_local}%eth0", 22)
+    assert not _ipv6_ula_ssh(configured)
 
 
 def _leader(lab: Lab) -> str:

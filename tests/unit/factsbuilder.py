@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from homeclust.facts import FactQuery, HostFacts, parse_facts
-from homeclust.inventory import Inventory, parse_inventory
+from homeclust.inventory import Inventory, load_inventory, parse_inventory
 
 MARKER = "@@homeclust-fact@@"
 
@@ -346,14 +346,32 @@ def inventory(**tables: Mapping[str, Any] | list[Any]) -> Inventory:
 # --------------------------------------------------------------------------- golden files
 
 
+class GoldenUpdateInCI(RuntimeError):
+    """HOMECLUST_UPDATE_GOLDEN=1 in CI: a run that rewrites its own expectations proves nothing."""
+
+
+def golden_update_requested(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether golden files are to be rewritten (``HOMECLUST_UPDATE_GOLDEN=1``).
+
+    Refused when ``CI`` is set: in CI a golden test must compare, never write.
+    """
+    if environ.get("HOMECLUST_UPDATE_GOLDEN") != "1":
+        return False
+    if "CI" in environ:
+        raise GoldenUpdateInCI(
+            "HOMECLUST_UPDATE_GOLDEN=1 is refused in CI (CI is set): golden files are "
+            "updated on purpose on a developer's machine, and the diff reviewed")
+    return True
+
+
 def check_golden(relative: str, actual: str) -> None:
     """Compare ``actual`` with ``tests/golden/RELATIVE`` exactly.
 
     ``HOMECLUST_UPDATE_GOLDEN=1`` rewrites the file instead: do that only on
-    purpose, and read the diff before committing it.
+    purpose, and read the diff before committing it.  Never in CI.
     """
     path = GOLDEN / relative
-    if os.environ.get("HOMECLUST_UPDATE_GOLDEN") == "1":
+    if golden_update_requested():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(actual)
         return
@@ -368,15 +386,44 @@ def golden_text(relative: str) -> str:
     return (GOLDEN / relative).read_text()
 
 
-def converged(name: str) -> FactsBuilder:
-    """A recorded host after homeclust's network, nat and firewall steps, as facts would see it.
+#: Converged Debian hosts, captured from the lab (tests/fixtures/lab/README.md).
+LAB = FIXTURES / "lab"
+LAB_NODES = {"debian12-master": "master", "debian12-worker": "worker1"}
 
-    Files come from the reviewed golden files (the renderers' expected output),
-    live firewall state from hand-recorded ``iptables-save`` output of the
-    loaded tables (``tests/fixtures/iptables/NAME-converged.save``), plus the
-    packages, services, sysctls and hostname the steps leave behind.  Planning
-    on these facts must change nothing: the idempotency proof of the planners.
+
+def lab_inventory() -> Inventory:
+    """The inventory of the lab the Debian fixtures were captured from."""
+    return load_inventory(LAB / "inventory.toml")
+
+
+def lab_text(node: str, relative: str) -> str:
+    """A captured file: ``lab_text("master", "iptables-save.txt")``,
+    ``lab_text("worker1", "files/etc/hosts")``."""
+    return (LAB / node / relative).read_text()
+
+
+def converged_inventory(name: str) -> Inventory:
+    """The inventory ``converged(name)`` is converged for."""
+    return lab_inventory() if name in LAB_NODES else inventory()
+
+
+def converged(name: str) -> FactsBuilder:
+    """A host after homeclust's network, nat and firewall steps, as the facts script sees it.
+
+    Planning on these facts (with :func:`converged_inventory`) must change
+    nothing: the idempotency proof of the planners.
+
+    * Debian (``debian12-master``, ``debian12-worker``): the raw facts output
+      captured from a lab node after ``homeclust up`` by ``scripts/capture-fixtures``
+      -- what homeclust really left behind, not its renderers' output fed back.
+    * RHEL family (``rocky9-master``, ``centos7-worker``): hand-written, as there
+      is no RHEL lab: the recorded fresh host with the reviewed golden files,
+      hand-recorded ``iptables-save`` output of the loaded tables
+      (``tests/fixtures/iptables/NAME-converged*.save``), and the packages,
+      services, sysctls and hostname the steps leave behind.
     """
+    if name in LAB_NODES:
+        return parse_recorded(lab_text(LAB_NODES[name], "facts.txt"))
     fresh = recorded(name)
     save = fixture_text(f"iptables/{name}-converged.save")
     nat_files: dict[str, FileArg] = {}
@@ -396,43 +443,6 @@ def converged(name: str) -> FactsBuilder:
         "net.netfilter.nf_conntrack_max": ("rw", "131072"),
         "net.netfilter.nf_conntrack_tcp_timeout_established": ("rw", "86400"),
     }
-    if name == "debian12-master":
-        # Inside the lab's container netns nf_conntrack_max stays read-only (a warning).
-        master_sysctls["net.netfilter.nf_conntrack_max"] = ("ro", "262144")
-        return fresh.but(
-            files={
-                "/etc/network/interfaces": golden_text(
-                    "network/ifupdown/master/etc/network/interfaces"),
-                "/etc/dhcp/dhclient.conf": golden_text(
-                    "network/ifupdown/master/etc/dhcp/dhclient.conf"),
-                "/etc/hosts": golden_text("network/hosts/debian12-master/etc/hosts"),
-                "/etc/iptables/rules.v4": rules,
-                "/etc/iptables/rules.v6": rules6,
-                **nat_files,
-            },
-            iptables_save=save,
-            ip6tables_save=fixture_text(f"iptables/{name}-converged6.save"),
-            sysctl=sysctl_lines(master_sysctls),
-        ).add_lines(
-            "packages", *dpkg_lines({"iptables-persistent": "1.0.20",
-                                     "netfilter-persistent": "1.0.20"}).splitlines(),
-        ).with_units({"netfilter-persistent.service": ("enabled", True)})
-    if name == "debian12-worker":
-        return fresh.but(
-            files={
-                "/etc/network/interfaces": golden_text(
-                    "network/ifupdown/worker1/etc/network/interfaces"),
-                "/etc/resolv.conf": golden_text("network/ifupdown/worker1/etc/resolv.conf"),
-                "/etc/hosts": golden_text("network/hosts/debian12-worker/etc/hosts"),
-                "/etc/iptables/rules.v4": rules,
-                "/etc/iptables/rules.v6": rules6,
-            },
-            iptables_save=save,
-            ip6tables_save=fixture_text(f"iptables/{name}-converged6.save"),
-        ).add_lines(
-            "packages", *dpkg_lines({"iptables-persistent": "1.0.20",
-                                     "netfilter-persistent": "1.0.20"}).splitlines(),
-        ).with_units({"netfilter-persistent.service": ("enabled", False)})
     if name == "rocky9-master":
         keyfiles = "network/nm-keyfile/master/etc/NetworkManager/system-connections/"
         directory = "/etc/NetworkManager/system-connections/"
@@ -479,6 +489,39 @@ def converged(name: str) -> FactsBuilder:
             iptables_save=save,
         )
     raise KeyError(f"no converged state for {name}")
+
+
+# --------------------------------------------------------------------------- iptables-save edits
+
+
+def _table_span(save: str, table: str) -> tuple[int, int]:
+    """Start and end (after COMMIT\\n) of ``table`` in an iptables-save text."""
+    start = save.index(f"*{table}\n")
+    end = save.index("COMMIT\n", start) + len("COMMIT\n")
+    return start, end
+
+
+def edit_table(save: str, table: str, *, chains: Iterable[str] = (),
+               first_rules: Iterable[str] = (), rules: Iterable[str] = (),
+               policy: tuple[str, str] | None = None) -> str:
+    """``save`` with chain declarations and rules added to ``table`` (``first_rules``
+    before its first rule, ``rules`` after its last), or a built-in chain's policy
+    changed (``policy=("INPUT", "ACCEPT")``)."""
+    start, end = _table_span(save, table)
+    lines = save[start:end].splitlines(keepends=True)
+    if policy is not None:
+        chain, target = policy
+        lines = [re.sub(rf"^:{chain} \S+ ", f":{chain} {target} ", line) for line in lines]
+    last_chain = max(i for i, line in enumerate(lines) if line.startswith(":"))
+    lines[last_chain + 1:last_chain + 1] = [c + "\n" for c in (*chains, *first_rules)]
+    lines[-1:-1] = [r + "\n" for r in rules]
+    return save[:start] + "".join(lines) + save[end:]
+
+
+def drop_table(save: str, table: str) -> str:
+    """``save`` without ``table`` (as after a reboot that did not load it)."""
+    start, end = _table_span(save, table)
+    return save[:start] + save[end:]
 
 
 def _without_table(text: str, table: str) -> str:

@@ -138,7 +138,9 @@ def test_dnsmasq_serves_the_lab_only(plan: LabPlan, tmp_path: Path) -> None:
     assert "no-hosts" in lines
     assert not any(line.startswith("server=") for line in lines)
     assert "address=/deb.debian.org/10.77.0.1" in lines
-    assert "dhcp-host=id:cluster-master,10.77.0.10,master" in lines
+    # The client id as the bytes dhclient sends for "cluster-master" (no quoting in dnsmasq).
+    assert ("dhcp-host=id:63:6c:75:73:74:65:72:2d:6d:61:73:74:65:72,10.77.0.10,master"
+            in lines)
     assert "dhcp-option=option:router,10.77.0.1" in lines
     assert "dhcp-option=option:dns-server,10.77.0.1" in lines
     assert f"dhcp-leasefile={tmp_path / 'leases'}" in lines

@@ -18,13 +18,17 @@ from homeclust.steps.firewall import ROLLBACK_AFTER, FirewallStep
 from tests.unit.factsbuilder import (
     after_firewall,
     converged,
+    edit_table,
     fixture_text,
     golden_text,
     inventory,
+    lab_inventory,
+    lab_text,
     recorded,
 )
 
 INV = inventory()
+LAB = lab_inventory()  # converged Debian hosts are the lab's (tests/fixtures/lab)
 STEP = FirewallStep()
 
 
@@ -111,9 +115,9 @@ def test_host_without_ipv6_gets_no_ipv6_rules() -> None:
 
 
 def test_ipv6_drift_alone_is_planned_and_guarded() -> None:
-    save6 = fixture_text("iptables/debian12-worker-converged6.save").replace(
-        ":INPUT DROP", ":INPUT ACCEPT")
-    result = plan(converged("debian12-worker").but(ip6tables_save=save6).facts(), "worker1")
+    save6 = edit_table(lab_text("worker1", "ip6tables-save.txt"), "filter",
+                       policy=("INPUT", "ACCEPT"))
+    result = plan(converged("debian12-worker").but(ip6tables_save=save6).facts(), "worker1", LAB)
     assert result.changes == ()
     assert [c.description for c in result.guarded] == [
         "load the ip6tables filter table (ip6tables-restore)"]
@@ -155,20 +159,15 @@ def test_iptables_persistent_left_in_rc_state_is_installed_again() -> None:
 
 
 def test_fail2ban_chains_are_not_drift() -> None:
-    save = fixture_text("iptables/debian12-master-converged.save").replace(
-        ":OUTPUT ACCEPT [2201:301442]\n",
-        ":OUTPUT ACCEPT [2201:301442]\n:f2b-sshd - [0:0]\n"
-        "-A INPUT -p tcp -m multiport --dports 22 -j f2b-sshd\n",
-    ).replace(
-        "-A FORWARD -m limit --limit 5/min -j LOG --log-prefix \"homeclust-forward-drop: \"\n",
-        "-A FORWARD -m limit --limit 5/min -j LOG --log-prefix \"homeclust-forward-drop: \"\n"
-        "-A f2b-sshd -s 203.0.113.7/32 -j REJECT --reject-with icmp-port-unreachable\n"
-        "-A f2b-sshd -j RETURN\n",
-    )
-    assert "f2b-sshd" in converged("debian12-master").but(iptables_save=save).facts().iptables[
-        "filter"]
-    assert not plan(converged("debian12-master").but(iptables_save=save).facts()).has_changes
-
+    # As fail2ban leaves the table: its chain, and a jump to it first in INPUT.
+    save = edit_table(
+        lab_text("master", "iptables-save.txt"), "filter", chains=[":f2b-sshd - [0:0]"],
+        first_rules=["-A INPUT -p tcp -m multiport --dports 22 -j f2b-sshd"],
+        rules=["-A f2b-sshd -s 203.0.113.7/32 -j REJECT --reject-with icmp-port-unreachable",
+               "-A f2b-sshd -j RETURN"])
+    facts = converged("debian12-master").but(iptables_save=save).facts()
+    assert "f2b-sshd" in facts.iptables["filter"]
+    assert not plan(facts, inv=LAB).has_changes
 
 def test_reloading_the_table_keeps_fail2bans_chains_and_bans() -> None:
     """A re-applied firewall never lifts a ban: the live f2b chains go into the new table."""
@@ -208,21 +207,22 @@ def test_hand_added_input_rule_reloads_the_table_under_guard() -> None:
 
 
 def test_policy_switched_to_accept_is_drift() -> None:
-    save = fixture_text("iptables/debian12-worker-converged.save").replace(
-        ":INPUT DROP [3:228]", ":INPUT ACCEPT [3:228]")
-    result = plan(converged("debian12-worker").but(iptables_save=save).facts(), "worker1")
+    save = edit_table(lab_text("worker1", "iptables-save.txt"), "filter",
+                      policy=("INPUT", "ACCEPT"))
+    result = plan(converged("debian12-worker").but(iptables_save=save).facts(), "worker1", LAB)
     assert len(loads(result)) == 1 and result.guard is not None
 
 
 def test_flushed_table_after_a_reboot_without_the_loader() -> None:
-    result = plan(converged("debian12-worker").but(iptables_save="").facts(), "worker1")
+    result = plan(converged("debian12-worker").but(iptables_save="").facts(), "worker1", LAB)
     assert len(loads(result)) == 1
 
 
 def test_edited_rules_file_is_rewritten_without_touching_the_live_table() -> None:
-    rules = golden_text("iptables/rules-master.v4").replace(
+    rules = converged("debian12-master").file_text("/etc/iptables/rules.v4").replace(
         "--dport 22 -j ACCEPT", "--dport 22 -j ACCEPT\n-A INPUT -p icmp -j ACCEPT")
-    result = plan(converged("debian12-master").but(files={"/etc/iptables/rules.v4": rules}).facts())
+    result = plan(converged("debian12-master").but(files={"/etc/iptables/rules.v4": rules}).facts(),
+                  inv=LAB)
     (change,) = result.guarded
     assert isinstance(change, FileChange) and change.path == "/etc/iptables/rules.v4"
     assert "-A INPUT -p icmp -j ACCEPT" in change.diff()
@@ -343,3 +343,99 @@ def test_every_file_a_step_writes_is_read_back_by_the_facts(name: str, node: str
         for change in planned.all_changes:
             if isinstance(change, FileChange):
                 assert any(fnmatch.fnmatch(change.path, p) for p in patterns), (step.name, change.path)
+
+
+# --------------------------------------------------------------------------- IPv6 lockout check
+
+
+@pytest.mark.parametrize(("client", "allowed"), [
+    ("fe80::5054:ff:fe12:3456", True),    # link-local: what the private side accepts
+    ("2001:db8:10::5", False),            # a global address arriving on the private side
+    ("fd00:10::5", False),                # unique local: not link-local either
+])
+def test_ipv6_session_on_the_private_side_needs_a_link_local_source(client: str,
+                                                                    allowed: bool) -> None:
+    """The IPv6 rules accept only link-local sources on the private interface; the lockout
+    check must agree, or it would wave through a session the new rules drop."""
+    addresses6 = "3: eth1    inet6 fd00:10::1/64 scope global \\       valid_lft forever\n"
+    facts = recorded("debian12-master").but(ssh_connection=f"{client} 40000 fd00:10::1 22\n",
+                                            addresses6=addresses6).facts()
+    if allowed:
+        assert loads(plan(facts))
+    else:
+        with pytest.raises(StepError, match="would lock you out"):
+            plan(facts)
+
+
+# --------------------------------------------------------------------------- unknown origin
+
+
+def test_unknown_ssh_origin_refuses_a_firewall_change() -> None:
+    """No $SSH_CONNECTION: the lockout check cannot be made, so no table is loaded."""
+    facts = recorded("debian12-master").but(ssh_connection="").facts()
+    assert facts.ssh_peer is None
+    with pytest.raises(StepError, match="origin of the SSH session is unknown") as error:
+        plan(facts)
+    assert error.value.hint and "nothing was changed" in error.value.hint
+
+
+def test_unknown_ssh_origin_is_fine_when_the_live_tables_are_right() -> None:
+    # Nothing would be loaded, so nothing can cut the session: a rules-file fix still plans.
+    facts = converged("debian12-master").but(ssh_connection="").facts()
+    assert not plan(facts, inv=LAB).has_changes
+    rules = converged("debian12-master").file_text("/etc/iptables/rules.v4") + "# edited\n"
+    edited = converged("debian12-master").but(
+        ssh_connection="", files={"/etc/iptables/rules.v4": rules}).facts()
+    assert plan(edited, inv=LAB).descriptions() == ["update /etc/iptables/rules.v4"]
+
+
+# --------------------------------------------------------------------------- posture
+
+
+def posture(facts: HostFacts, node: str = "master") -> dict[str, tuple[str, str]]:
+    items = STEP.posture(PlanContext(LAB, LAB.node(node), facts))
+    return {item.name: (item.status, item.detail) for item in items}
+
+
+def with_forward_rule(rule: str) -> HostFacts:
+    save = edit_table(lab_text("master", "iptables-save.txt"), "filter", rules=[rule])
+    return converged("debian12-master").but(iptables_save=save).facts()
+
+
+def test_posture_of_a_converged_master_passes() -> None:
+    items = posture(converged("debian12-master").facts())
+    assert {name: status for name, (status, _) in items.items()} == {
+        "INPUT policy": "pass", "FORWARD policy": "pass", "IPv6 INPUT policy": "pass",
+        "IPv6 FORWARD policy": "pass", "forwarding one-way": "pass",
+        "rules persist at boot": "pass"}
+
+
+@pytest.mark.parametrize("rule", [
+    # eth10 is not eth1, eth0x is not eth0: interface names are compared whole.
+    "-A FORWARD -s 192.168.10.0/24 -i eth10 -o eth0 -j ACCEPT",
+    "-A FORWARD -i eth1 -o eth0x -j ACCEPT",
+    "-A FORWARD ! -i eth1 -o eth0 -j ACCEPT",
+    "-A FORWARD -i eth0 -o eth1 -j ACCEPT",
+    "-A FORWARD -j ACCEPT",
+    # Not established-only, whatever a comment says.
+    '-A FORWARD -m comment --comment "RELATED,ESTABLISHED" -j ACCEPT',
+    "-A FORWARD -m conntrack --ctstate NEW,RELATED,ESTABLISHED -j ACCEPT",
+])
+def test_posture_flags_forward_accepts_beyond_private_to_public(rule: str) -> None:
+    status, detail = posture(with_forward_rule(rule))["forwarding one-way"]
+    assert status == "fail" and rule in detail
+
+
+def test_posture_checks_the_ipv6_forward_policy() -> None:
+    save6 = edit_table(lab_text("master", "ip6tables-save.txt"), "filter",
+                       policy=("FORWARD", "ACCEPT"))
+    facts = converged("debian12-master").but(ip6tables_save=save6).facts()
+    assert posture(facts)["IPv6 FORWARD policy"][0] == "fail"
+
+
+def test_posture_flags_any_ipv6_forward_accept() -> None:
+    save6 = edit_table(lab_text("master", "ip6tables-save.txt"), "filter",
+                       rules=["-A FORWARD -i eth1 -o eth0 -j ACCEPT"])
+    facts = converged("debian12-master").but(ip6tables_save=save6).facts()
+    status, detail = posture(facts)["forwarding one-way"]
+    assert status == "fail" and "(IPv6) -A FORWARD -i eth1 -o eth0 -j ACCEPT" in detail

@@ -11,9 +11,17 @@ from homeclust.inventory import Inventory
 from homeclust.render.network import bringup_command, takedown_command
 from homeclust.steps.base import PlanContext, StepPlan
 from homeclust.steps.network import ROLLBACK_AFTER, NetworkStep
-from tests.unit.factsbuilder import FileRecord, converged, golden_text, inventory, recorded
+from tests.unit.factsbuilder import (
+    FileRecord,
+    converged,
+    golden_text,
+    inventory,
+    lab_inventory,
+    recorded,
+)
 
 INV = inventory()
+LAB = lab_inventory()  # converged Debian hosts are the lab's (tests/fixtures/lab)
 STEP = NetworkStep()
 KEYFILES = "/etc/NetworkManager/system-connections/"
 
@@ -165,7 +173,7 @@ def test_fqdn_hostname_counts_as_the_node_name() -> None:
 def test_stray_default_route_on_a_worker_is_reapplied() -> None:
     facts = converged("debian12-worker").add_lines(
         "routes", "default via 192.168.10.254 dev eth0 metric 200 ").facts()
-    result = plan(facts, "worker1")
+    result = plan(facts, "worker1", LAB)
     assert result.changes == ()  # nothing but the live state: all of it guarded
     change = reapply(result)
     assert len(result.guarded) == 2
@@ -182,7 +190,7 @@ def test_worker_without_its_default_route_is_reapplied() -> None:
 def test_default_route_through_the_masters_private_side_is_reapplied() -> None:
     facts = converged("debian12-master").add_lines(
         "routes", "default via 192.168.10.254 dev eth1 metric 50 ").facts()
-    change = reapply(plan(facts, "master"))
+    change = reapply(plan(facts, "master", LAB))
     assert change.description.startswith("bring up eth1 (eth1: default route via the private side")
 
 
@@ -199,15 +207,16 @@ def test_extra_address_on_a_worker_is_reapplied() -> None:
     facts = converged("debian12-worker").add_lines(
         "addresses", "2: eth0    inet 192.168.10.77/24 brd 192.168.10.255 scope global secondary "
                      "eth0\\       valid_lft forever preferred_lft forever").facts()
-    change = reapply(plan(facts, "worker1"))
+    change = reapply(plan(facts, "worker1", LAB))
     assert "stray address 192.168.10.77/24" in change.description
 
 
 def test_hand_edited_hosts_file_is_fixed_without_touching_the_interfaces() -> None:
+    hosts = converged("debian12-worker").file_text("/etc/hosts")
+    assert "192.168.10.3\tworker2" in hosts
     facts = converged("debian12-worker").but(files={
-        "/etc/hosts": golden_text("network/hosts/debian12-worker/etc/hosts").replace(
-            "192.168.10.3\tworker2", "192.168.10.30\tworker2")}).facts()
-    (change,) = plan(facts, "worker1").changes
+        "/etc/hosts": hosts.replace("192.168.10.3\tworker2", "192.168.10.30\tworker2")}).facts()
+    (change,) = plan(facts, "worker1", LAB).changes
     assert isinstance(change, FileChange) and change.path == "/etc/hosts"
     assert "+192.168.10.3\tworker2" in change.diff()
 
@@ -225,7 +234,7 @@ def test_interfaces_d_snippet_of_our_interface_is_removed_and_reapplied() -> Non
     snippet = "/etc/network/interfaces.d/eth0"
     facts = converged("debian12-worker").but(files={
         snippet: "allow-hotplug eth0\niface eth0 inet dhcp\n"}).facts()
-    result = plan(facts, "worker1")
+    result = plan(facts, "worker1", LAB)
     assert files(result)[snippet].content is None
     assert files(result)[snippet].description == f"remove {snippet}"
     assert reapply(result).description == "bring up eth0 (eth0: configuration changed)"
@@ -235,7 +244,7 @@ def test_interfaces_d_snippet_of_our_interface_is_removed_and_reapplied() -> Non
 def test_other_interface_snippets_are_left_alone() -> None:
     facts = converged("debian12-worker").but(files={
         "/etc/network/interfaces.d/eth2": "auto eth2\niface eth2 inet dhcp\n"}).facts()
-    assert plan(facts, "worker1").changes == ()
+    assert plan(facts, "worker1", LAB).changes == ()
 
 
 # --------------------------------------------------------------------------- errors

@@ -10,6 +10,7 @@ package downloads").
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 
 import pytest
@@ -20,13 +21,21 @@ from homeclust.render.iptables import (
     chain_policy,
     chain_rules,
     comparable,
+    render_filter6_table,
     render_filter_table,
     render_nat_table,
     replace_table,
     restore_command,
     split_rules_file,
 )
-from tests.unit.factsbuilder import check_golden, fixture_text, inventory, recorded
+from tests.unit.factsbuilder import (
+    check_golden,
+    fixture_text,
+    inventory,
+    lab_inventory,
+    lab_text,
+    recorded,
+)
 
 INV = inventory()
 CASES: dict[str, Inventory] = {
@@ -149,18 +158,33 @@ def test_nat_masquerades_the_private_network_out_of_the_public_side() -> None:
 
 @pytest.mark.parametrize("table", [
     master_filter(CASES[c]) for c in sorted(CASES)] + [
-    render_filter_table(INV, INV.node("worker1")), render_nat_table(INV)])
+    render_filter_table(INV, INV.node("worker1")), render_nat_table(INV),
+    render_filter6_table(INV, INV.master_node), render_filter6_table(INV, INV.node("worker1"))])
 def test_rendered_tables_are_already_in_canonical_form(table: str) -> None:
     """Rendered exactly as iptables-save prints: comparing with live state needs no magic."""
     assert normalize_iptables(table) == table
 
 
-def test_rendered_tables_equal_what_the_kernel_prints_back() -> None:
-    """Hand-recorded iptables-save output of the loaded tables (nf_tables and legacy)."""
-    for name in ("debian12-master-converged.save", "rocky9-master-converged.save"):
-        live = parse_iptables_save(fixture_text(f"iptables/{name}"))
-        assert comparable(live["filter"]) == comparable(master_filter(INV)), name
-        assert comparable(live["nat"]) == comparable(render_nat_table(INV)), name
+@pytest.mark.parametrize("node", ["master", "worker1"])
+def test_rendered_tables_equal_what_the_lab_kernel_prints_back(node: str) -> None:
+    """iptables-save / ip6tables-save of a lab node after `up` (Debian 12, nf_tables),
+    captured by scripts/capture-fixtures, line for line."""
+    inv = lab_inventory()
+    live = parse_iptables_save(lab_text(node, "iptables-save.txt"))
+    live6 = parse_iptables_save(lab_text(node, "ip6tables-save.txt"))
+    assert live["filter"] == normalize_iptables(render_filter_table(inv, inv.node(node)))
+    assert live6["filter"] == normalize_iptables(render_filter6_table(inv, inv.node(node)))
+    if node == "master":
+        assert live["nat"] == normalize_iptables(render_nat_table(inv))
+    else:
+        assert "nat" not in live or not chain_rules(live["nat"], "POSTROUTING")
+
+
+def test_rendered_tables_equal_what_rhel_prints_back() -> None:
+    """Hand-recorded iptables-save output of the loaded tables (no RHEL lab)."""
+    live = parse_iptables_save(fixture_text("iptables/rocky9-master-converged.save"))
+    assert comparable(live["filter"]) == comparable(master_filter(INV))
+    assert comparable(live["nat"]) == comparable(render_nat_table(INV))
     live = parse_iptables_save(fixture_text("iptables/centos7-worker-converged.save"))
     assert comparable(live["filter"]) == comparable(render_filter_table(INV, INV.node("worker2")))
 
@@ -253,3 +277,69 @@ def test_restore_command_feeds_the_table_through_a_quoted_heredoc(tmp_path: obje
     result = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, check=True,
                             timeout=10)
     assert result.stdout == table
+
+
+# --------------------------------------------------------------------------- IPv6
+
+
+def accepts6(table: str) -> list[list[str]]:
+    return [shlex.split(r) for r in chain_rules(table, "INPUT") if r.endswith("-j ACCEPT")]
+
+
+def option(words: list[str], name: str) -> str | None:
+    return words[words.index(name) + 1] if name in words else None
+
+
+@pytest.mark.parametrize("node", ["master", "worker1"])
+def test_ipv6_private_interface_accepts_link_local_sources_only(node: str) -> None:
+    """IPv4 accepts only the private network on the private interface; IPv6 only fe80::/10
+    (the cluster speaks IPv4: IPv6 there is neighbour discovery and nothing else)."""
+    table = render_filter6_table(INV, INV.node(node))
+    private = INV.node(node).private_interface
+    on_private = [w for w in accepts6(table) if option(w, "-i") == private]
+    assert on_private == [["-A", "INPUT", "-s", "fe80::/10", "-i", private, "-j", "ACCEPT"]]
+    # Nor does any accept for all interfaces take more than replies, typed ICMPv6 or
+    # link-local sources.
+    for words in accepts6(table):
+        if option(words, "-i") is None:
+            assert ("RELATED,ESTABLISHED" in words or option(words, "--icmpv6-type")
+                    or option(words, "-s") == "fe80::/10"), words
+
+
+def test_ipv6_accepts_only_the_icmpv6_that_ipv6_needs() -> None:
+    table = render_filter6_table(INV, INV.master_node)
+    icmp: dict[int, list[str]] = {}
+    for words in accepts6(table):
+        if option(words, "-p") == "ipv6-icmp":
+            typed = option(words, "--icmpv6-type")
+            assert typed is not None, f"all of ICMPv6 accepted: {words}"
+            icmp[int(typed)] = words
+    # Errors from anywhere (path MTU discovery needs packet-too-big).
+    for icmp_type in (1, 2, 3, 4):
+        assert option(icmp[icmp_type], "-s") is None and "-m" in icmp[icmp_type]
+    # Neighbour discovery only with hop limit 255 (sent on the link itself).
+    for icmp_type in (133, 134, 135, 136):
+        assert option(icmp[icmp_type], "--hl-eq") == "255"
+    # MLD only from link-local addresses.
+    for icmp_type in (130, 131, 132, 143):
+        assert option(icmp[icmp_type], "-s") == "fe80::/10"
+    # Echo requests rate-limited.
+    assert option(icmp[128], "--limit") is not None
+    assert sorted(icmp) == [1, 2, 3, 4, 128, 130, 131, 132, 133, 134, 135, 136, 143]
+    # Every other ICMPv6 message is dropped before the private-interface accept could take it.
+    rules = chain_rules(table, "INPUT")
+    drop = rules.index("-A INPUT -p ipv6-icmp -j DROP")
+    private = rules.index("-A INPUT -s fe80::/10 -i eth1 -j ACCEPT")
+    assert all(i < drop for i, r in enumerate(rules) if "ipv6-icmp" in r and "ACCEPT" in r)
+    assert drop < private
+
+
+def test_ipv6_ssh_only_from_ipv6_ssh_from_networks() -> None:
+    inv = inventory(firewall={"ssh_from": ["10.77.0.0/24", "2001:db8::/32"]})
+    table = render_filter6_table(inv, inv.master_node)
+    ssh = [r for r in chain_rules(table, "INPUT") if "--dport 22" in r]
+    assert ssh == ["-A INPUT -s 2001:db8::/32 -i eth0 -p tcp -m tcp --dport 22 -j ACCEPT"]
+    assert not [r for r in chain_rules(render_filter6_table(INV, INV.master_node), "INPUT")
+                if "--dport 22" in r]  # ssh_from 0.0.0.0/0 is IPv4 only
+    assert chain_policy(table, "INPUT") == "DROP" and chain_policy(table, "FORWARD") == "DROP"
+    assert chain_rules(table, "FORWARD") == []

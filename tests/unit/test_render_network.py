@@ -158,7 +158,7 @@ def test_netplan_worker_routes_through_the_master() -> None:
 def test_netplan_master_warns_that_it_cannot_send_the_client_id() -> None:
     rendered = interface_files("netplan", specs(INV, "master"), NO_EXISTING)
     content = rendered.files["/etc/netplan/60-homeclust.yaml"].content or ""
-    assert "    eth0:\n      dhcp4: true" in content
+    assert "    \"eth0\":\n      dhcp4: true" in content
     assert "via" not in content  # no static default route on the master
     assert len(rendered.warnings) == 1 and "cluster-master" in rendered.warnings[0]
 
