@@ -82,7 +82,10 @@ def write_first_boot_files(
     ssh_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(ssh_dir, 0o700)
     write("root/.ssh/authorized_keys", admin_public_key.strip() + "\n", 0o600)
-    if node.role == "master" and not plan.master_public_static:
+    # On a home router (dhcp_mode "router") the master keeps the installer's
+    # dhclient.conf: no client id there (ifupdown's `dhclient -i` still sends a
+    # DUID-based one, as on any Debian install).
+    if node.role == "master" and not plan.master_public_static and plan.dhcp_mode == "reserved":
         base_path = root / "etc/dhcp/dhclient.conf"
         base = base_path.read_text() if base_path.exists() else ""
         write("etc/dhcp/dhclient.conf", render.render_dhclient_conf(
