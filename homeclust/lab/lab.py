@@ -396,7 +396,8 @@ class Lab:
                 self.progress(f"cleaning up failed too: {exc}")
             raise
         state = self._state()
-        assert state is not None
+        if state is None:
+            raise LabError(f"the state of lab {self.cluster} vanished while it came up")
         dataclasses.replace(state, phase="up").save(self.paths)
         return self._info(plan, time.monotonic() - started, rootfs_seconds)
 
@@ -616,7 +617,8 @@ class Lab:
 
     def _rootfs(self) -> Path:
         state = self._state()
-        assert state is not None
+        if state is None:
+            raise LabError(f"the lab of cluster {self.cluster} is not up", hint="homeclust lab up")
         return Path(state.rootfs)
 
     # ------------------------------------------------------------------

@@ -132,7 +132,6 @@ def power_off(nodes: list[tuple[str, NodePaths]], timeout: float = STOP_TIMEOUT)
         supervisor = read_pidfile(node_paths.supervisor_pid)
         if is_running(supervisor):
             running.append(name)
-            assert supervisor is not None
             os.kill(supervisor.pid, signal.SIGTERM)
             supervisors.append(supervisor)
     wait_gone(supervisors, timeout)
@@ -159,9 +158,8 @@ def leader_pid(node_name: str, node_paths: NodePaths) -> int:
     if not is_node_running(node_paths):
         raise LabError(f"lab node {node_name} is not running", hint=f"homeclust lab start {node_name}")
     leader = read_pidfile(node_paths.leader_pid)
-    if not is_running(leader):
+    if leader is None or not is_running(leader):
         raise LabError(f"lab node {node_name} is still starting (no init process yet)")
-    assert leader is not None
     return leader.pid
 
 

@@ -191,7 +191,8 @@ def make_plan(
 
     if master.public_boot == "static":
         # Replicate the inventory's public subnet; its gateway plays the internet host.
-        assert master.public_address is not None and master.public_gateway is not None
+        if master.public_address is None or master.public_gateway is None:
+            raise LabError("a static public side needs public_address and public_gateway")
         institute_network = master.public_address.network
         internet = master.public_gateway
         master_public = master.public_address.ip
