@@ -62,6 +62,8 @@ class MasterSpec:
     private_address: IPv4Address
     slots: int
     compute: bool
+    #: Whether ``slots`` was written in the inventory (else it is the default, 1).
+    slots_given: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class WorkerSpec:
     private_address: IPv4Address
     interface: str
     slots: int
+    slots_given: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,9 @@ class Node:
     private_interface: str
     slots: int
     compute: bool
+    #: ``slots`` was written in the inventory: schedulers use it instead of the CPUs
+    #: they find (the default of 1 is for MPI hostfiles, not a node's size).
+    slots_given: bool = False
 
     @property
     def is_master(self) -> bool:
@@ -176,6 +182,7 @@ class Inventory:
             private_interface=m.private_interface,
             slots=m.slots,
             compute=m.compute,
+            slots_given=m.slots_given,
         )
         workers = tuple(
             Node(
@@ -185,6 +192,7 @@ class Inventory:
                 private_interface=w.interface,
                 slots=w.slots,
                 compute=True,
+                slots_given=w.slots_given,
             )
             for w in self.workers
         )
@@ -694,6 +702,7 @@ def _parse_master(path: Path, data: Any, network: IPv4Network, ssh_port: int) ->
         public_address=public_address, public_gateway=public_gateway,
         dhcp_client_id=dhcp_client_id, private_interface=private_interface,
         private_address=private_address, slots=slots, compute=compute,
+        slots_given="slots" in data,
     )
 
 
@@ -717,7 +726,7 @@ def _parse_workers(path: Path, data: Any, network: IPv4Network) -> tuple[WorkerS
         interface = _check_interface(t, "interface", t.string("interface", "eth0"))
         slots = t.integer("slots", 1, minimum=1)
         t.finish()
-        workers.append(WorkerSpec(name, address, interface, slots))
+        workers.append(WorkerSpec(name, address, interface, slots, slots_given="slots" in item))
     return tuple(workers)
 
 

@@ -236,12 +236,99 @@ class Platform:
         environment-modules layout), else None (Debian: /usr, nothing to set)."""
         return None if self.family == "debian" else "/usr/lib64/openmpi"
 
+    # -- batch schedulers ---------------------------------------------------------
+
+    @property
+    def torque_packaged(self) -> bool:
+        """Whether the distribution ships Torque/PBS: EPEL does, for the RHEL family;
+        Debian dropped it after 9 and Ubuntu after 18.04."""
+        return self.family == "rhel"
+
+    @property
+    def slurm_packaged(self) -> bool:
+        """Whether the distribution ships a Slurm homeclust can configure (>= 20.11, which
+        reads /etc/slurm and knows ``SlurmdParameters=config_overrides``).  Ubuntu 20.04's
+        19.05 does neither."""
+        return not (self.name.startswith("ubuntu") and self.major < 22)
+
+    @property
+    def scheduler_repo_packages(self) -> tuple[str, ...]:
+        """The repository definition the scheduler packages come from, installed first
+        (EPEL on the RHEL family; Debian's own archive has Slurm)."""
+        return scheduler_repo_packages(self.family)
+
+    def scheduler_packages(self, kind: SchedulerKind, *, controller: bool, compute: bool
+                           ) -> tuple[str, ...]:
+        """Packages of a Slurm or Torque node: client and munge everywhere, the
+        controller/server on the master, the node daemon on compute nodes."""
+        return scheduler_packages(self.family, kind, controller=controller, compute=compute)
+
+    @property
+    def slurm_layout(self) -> SlurmLayout:
+        """Where this family's Slurm packages keep state and PID files."""
+        return SLURM_LAYOUTS[self.family]
+
     # -- files ------------------------------------------------------------------
 
     @property
     def network_fact_paths(self) -> tuple[str, ...]:
         """Files the network step reads to take over the existing configuration."""
         return NETWORK_FACT_PATHS[self.network_backend]
+
+
+SchedulerKind = Literal["torque", "slurm"]
+
+#: Per family and scheduler: (everywhere, controller/server only, compute nodes only).
+_SCHEDULER_PACKAGES: dict[tuple[Family, SchedulerKind],
+                          tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    ("debian", "slurm"): (("munge", "slurm-client"), ("slurmctld",), ("slurmd",)),
+    # EPEL: "slurm" holds the client commands and the shared plugins.
+    ("rhel", "slurm"): (("munge", "slurm"), ("slurm-slurmctld",), ("slurm-slurmd",)),
+    # EPEL: torque-client pulls in "torque" (trqauthd) and torque-libs.
+    ("rhel", "torque"): (("munge", "torque-client"), ("torque-server", "torque-scheduler"),
+                         ("torque-mom",)),
+}
+
+
+def all_scheduler_packages() -> frozenset[str]:
+    """Every package a scheduler step may install on any family (what facts ask about)."""
+    names = {p for groups in _SCHEDULER_PACKAGES.values() for group in groups for p in group}
+    return frozenset(names | set(scheduler_repo_packages("rhel")))
+
+
+def scheduler_repo_packages(family: Family) -> tuple[str, ...]:
+    """See :attr:`Platform.scheduler_repo_packages`."""
+    return ("epel-release",) if family == "rhel" else ()
+
+
+def scheduler_packages(family: Family, kind: SchedulerKind, *, controller: bool,
+                       compute: bool) -> tuple[str, ...]:
+    """See :meth:`Platform.scheduler_packages` (by family: the repo step has no host)."""
+    everywhere, server, node = _SCHEDULER_PACKAGES.get((family, kind), ((), (), ()))
+    return everywhere + (server if controller else ()) + (node if compute else ())
+
+
+@dataclass(frozen=True)
+class SlurmLayout:
+    """Directories and PID files a family's Slurm packages and units expect."""
+
+    state_dir: str  # StateSaveLocation: slurmctld writes it as SlurmUser
+    spool_dir: str  # SlurmdSpoolDir
+    slurmctld_pid: str  # must match the unit's PIDFile= where units are Type=forking
+    slurmd_pid: str
+    #: The packages create the system user ``slurm`` and both directories owned by it
+    #: (Debian); otherwise homeclust does (EPEL runs slurmctld as root by default).
+    packages_prepare: bool
+
+
+SLURM_LAYOUTS: dict[Family, SlurmLayout] = {
+    "debian": SlurmLayout("/var/lib/slurm/slurmctld", "/var/lib/slurm/slurmd",
+                          "/run/slurmctld.pid", "/run/slurmd.pid", packages_prepare=True),
+    # Fedora/EPEL: forking units with PIDFile=/run/slurm/*.pid, spool under /var/spool/slurm.
+    "rhel": SlurmLayout("/var/spool/slurm/ctld", "/var/spool/slurm/d",
+                        "/run/slurm/slurmctld.pid", "/run/slurm/slurmd.pid",
+                        packages_prepare=False),
+}
 
 
 #: Every file, per backend, that can configure an interface.

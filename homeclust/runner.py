@@ -20,7 +20,10 @@ A run goes through these phases, each a method of its own:
    armed right before it, confirmation over a new connection).  Every step
    is verified by reading the facts again and re-planning: what is left did
    not converge.  A failed worker does not stop the others; its later steps
-   are skipped and named.  Without a working master no worker is touched;
+   are skipped and named.  Without a working master no worker is touched.
+   Before any of it, every step is asked on every host whether it can work
+   there at all (:meth:`~homeclust.steps.base.Step.preflight`): one refusal
+   and nothing is changed anywhere;
 6. ``check`` adds each step's posture checks and behaviour probes.
 
 Ctrl-C or SIGTERM sets the run's cancel event: guarded changes in flight roll
@@ -324,7 +327,8 @@ class Runner:
                 if mode == "check":
                     self._parallel(lambda node: self._probe_host(node, result), self.nodes)
                 return result
-            self._apply_all(result)
+            if self._preflight(result):
+                self._apply_all(result)
             return result
         except (KeyboardInterrupt, Interrupted):
             self.cancel.set()
@@ -583,6 +587,37 @@ class Runner:
 
     # ------------------------------------------------------------------ apply
 
+    def _preflight(self, result: RunResult) -> bool:
+        """Ask every step on every reachable host whether it can work there at all,
+        before anything is changed anywhere.  A refusal (e.g. Torque asked for on a
+        platform without Torque packages) fails that step and skips everything else:
+        a cluster is never left half set up for something that cannot be done."""
+        refused: dict[str, list[str]] = {}  # step -> hosts
+        for node in self.nodes:
+            if node.name in result.host_errors:
+                continue
+            for step in self.steps_for(node):
+                try:
+                    step.preflight(self.context(node))
+                except HomeclustError as exc:
+                    self._record(result, StepOutcome(node.name, step.name, "failed",
+                                                     error=str(exc)))
+                    refused.setdefault(step.name, []).append(node.name)
+        if not refused:
+            return True
+        done = {(o.host, o.step) for o in result.outcomes}
+        what = "; ".join(f"{step} cannot be done on {_some(hosts)}"
+                         for step, hosts in refused.items())
+        why = f"not attempted: {what} (nothing was changed)"
+        for node in self.nodes:
+            if node.name in result.host_errors:
+                continue
+            for step in self.steps_for(node):
+                if (node.name, step.name) not in done:
+                    self._record(result, StepOutcome(node.name, step.name, "skipped",
+                                                     error=why))
+        return False
+
     def _apply_all(self, result: RunResult) -> None:
         master_node = self.inventory.master_node
         if self.targeted_master:
@@ -768,6 +803,13 @@ class Runner:
         """Read the facts again and re-plan: what is left is what did not converge."""
         self.gather(host)
         return self._plan_step(step, node).descriptions()
+
+
+def _some(names: Sequence[str]) -> str:
+    """``a, b, c`` -- or ``a, b and 7 more`` (one line, however big the cluster)."""
+    if len(names) <= 3:
+        return ", ".join(names)
+    return f"{', '.join(names[:2])} and {len(names) - 2} more"
 
 
 def describe_transaction(txn: Transaction) -> str:

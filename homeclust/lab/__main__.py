@@ -2,13 +2,14 @@
 
     python -m homeclust.lab supervise SPEC.json     # keeps one node running
     python -m homeclust.lab whoami ADDRESS PORT     # the internet host's address service
+    python -m homeclust.lab aptcache --socket PATH --cache DIR --stats FILE   # archive relay
 """
 
 from __future__ import annotations
 
 import sys
 
-from homeclust.lab import supervisor, whoami
+from homeclust.lab import aptcache, supervisor, whoami
 
 
 def main(argv: list[str]) -> int:
@@ -16,8 +17,10 @@ def main(argv: list[str]) -> int:
         return supervisor.main(argv[1:])
     if argv[:1] == ["whoami"]:
         return whoami.main(argv[1:])
-    print("usage: python -m homeclust.lab {supervise SPEC.json | whoami ADDRESS PORT}",
-          file=sys.stderr)
+    if argv[:1] == ["aptcache"]:
+        return aptcache.main(argv[1:])
+    print("usage: python -m homeclust.lab {supervise SPEC.json | whoami ADDRESS PORT | "
+          "aptcache --socket PATH --cache DIR --stats FILE}", file=sys.stderr)
     return 2
 
 

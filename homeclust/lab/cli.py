@@ -20,9 +20,11 @@ from pathlib import Path
 
 import click
 
-from homeclust.errors import HomeclustError
+from homeclust.errors import HomeclustError, UsageError
 from homeclust.inventory import DEFAULT_INVENTORY
 from homeclust.lab.lab import Lab
+from homeclust.lab.plan import DHCP_MODES
+from homeclust.lab.uplink import parse_delay
 
 _SSH_OPTIONS = ("-o", "StrictHostKeyChecking=accept-new", "-o", "HashKnownHosts=no",
                 "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR")
@@ -39,11 +41,11 @@ def _echo(message: str) -> None:
     click.echo(message, err=True)
 
 
-def _lab(cluster: str | None = None) -> Lab:
+def _lab(cluster: str | None = None, dhcp: str | None = None) -> Lab:
     """The lab of ``--cluster`` (from its recorded state) or of the inventory."""
     if cluster:
         return Lab.from_state(cluster, progress=_echo)
-    return Lab(_inventory_path(), progress=_echo)
+    return Lab(_inventory_path(), progress=_echo, dhcp=dhcp)
 
 
 cluster_option = click.option(
@@ -58,9 +60,13 @@ def lab() -> None:
 
 
 @lab.command()
-def up() -> None:
+@click.option("--dhcp", type=click.Choice(DHCP_MODES), default=None,
+              help="The institute network's DHCP server: 'reserved' (default: the master's "
+                   "address reserved for its client id) or 'router' (a home router: one "
+                   "address, leases keyed by client identity, no reservation).")
+def up(dhcp: str | None) -> None:
     """Build the lab and boot every node; print how to use it."""
-    info = _lab().up()
+    info = _lab(dhcp=dhcp).up()
     click.echo(info.summary())
 
 
@@ -75,7 +81,7 @@ def down(cluster: str | None) -> None:
 @lab.command()
 @cluster_option
 def status(cluster: str | None) -> None:
-    """Show nodes, services and namespaces of the lab."""
+    """Show nodes, services, namespaces, DHCP mode, uplink and apt cache counters of the lab."""
     click.echo(_lab(cluster).status().describe())
 
 
@@ -109,6 +115,26 @@ def start(node: str, cluster: str | None) -> None:
 def reset(node: str, cluster: str | None) -> None:
     """Make NODE pristine again (wipes its disk; new host key)."""
     _timed(f"reset {node}", lambda: _lab(cluster).reset(node))
+
+
+@lab.command()
+@click.option("--rate", metavar="RATE", help="Uplink rate in tc units: 4mbit, 512kbit, 1gbit.")
+@click.option("--delay", metavar="TIME", help="Added before each archive response: 100ms, 1s.")
+@click.option("--off", is_flag=True, help="Full speed again (no rate limit, no delay).")
+@cluster_option
+def uplink(rate: str | None, delay: str | None, off: bool, cluster: str | None) -> None:
+    """Make the lab's uplink (internet host and package mirror) slow, or show it.
+
+    Each call sets the whole uplink: `--rate 4mbit` alone also drops an earlier delay.
+    """
+    the_lab = _lab(cluster)
+    if off and (rate or delay):
+        raise UsageError("lab uplink: --off does not go with --rate or --delay")
+    if off or rate or delay:
+        setting = the_lab.set_uplink(rate, parse_delay(delay) if delay else 0)
+        click.echo(f"lab uplink: {setting.describe()}")
+    else:
+        click.echo(f"lab uplink: {the_lab.uplink().describe()}")
 
 
 @lab.command(context_settings={"ignore_unknown_options": True})

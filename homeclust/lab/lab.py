@@ -6,6 +6,12 @@ systemd-nspawn container per node; ``down()`` removes every namespace, mount
 and process the lab created -- also when ``up`` crashed half-way, because
 every name is derived from the cluster name and every process is recorded
 (PID + start time) the moment it starts.
+
+The lab can be made as hard as the real world: ``Lab(inventory,
+dhcp="router")`` gives the institute network a home router's DHCP server
+(no reservation, one address), and ``set_uplink("4mbit", delay_ms=100)``
+makes the internet host -- and so the package mirror -- slow.  The mirror is
+a caching relay (aptcache.py) whose counters ``apt_cache_stats()`` reads.
 """
 
 from __future__ import annotations
@@ -34,11 +40,14 @@ from homeclust.errors import HomeclustError, LabError
 from homeclust.inventory import Inventory, load_inventory
 from homeclust.lab import nodes as lab_nodes
 from homeclust.lab import render
+from homeclust.lab import uplink as lab_uplink
+from homeclust.lab.aptcache import AptCacheStats, summarize
 from homeclust.lab.network import create_network, delete_network
 from homeclust.lab.plan import (
     CACHE_ROOT,
     STATE_ROOT,
     LabPlan,
+    check_dhcp_mode,
     choose_institute_network,
     default_ssh_port,
     make_plan,
@@ -104,6 +113,7 @@ class LabInfo:
     elapsed: float  # seconds for the whole ``up``, rootfs build included
     rootfs_seconds: float  # seconds spent building the rootfs (0 when it was cached)
     already_up: bool = False
+    dhcp: str = "reserved"  # plan.DHCP_MODES
 
     @property
     def rootfs_built(self) -> bool:
@@ -119,7 +129,7 @@ class LabInfo:
             f"  cluster          {self.cluster}: {', '.join(self.nodes)}",
             f"  institute net    {self.institute_network}  internet host {self.internet_address}, "
             f"admin host {self.admin_address}, master {self.master_public_address}"
-            + (" (DHCP)" if self.master_public_by_dhcp else " (static)"),
+            + (_dhcp_words(self.dhcp) if self.master_public_by_dhcp else " (static)"),
             f"  master SSH       127.0.0.1:{self.ssh_port} (forwarded to {self.master_public_address}:22;"
             " workers only through the master)",
             f"  lab inventory    {inv}",
@@ -129,8 +139,15 @@ class LabInfo:
             f"  homeclust -i {inv} check",
             "  homeclust lab ssh NODE        # a shell on a node (workers via the master)",
             "  homeclust lab status | reboot NODE | stop NODE | start NODE | reset NODE",
+            "  homeclust lab uplink --rate 4mbit [--delay 100ms] | --off   # a slow uplink",
             "  homeclust lab down            # remove everything the lab created",
         ])
+
+
+def _dhcp_words(mode: str) -> str:
+    if mode == "router":
+        return " (DHCP from a home router: one address, no reservation)"
+    return " (DHCP, reserved for its client id)"
 
 
 @dataclass(frozen=True)
@@ -150,6 +167,9 @@ class LabStatus:
     namespaces: tuple[tuple[str, bool], ...] = ()
     inventory_path: Path | None = None
     ssh_port: int | None = None
+    dhcp: str | None = None  # plan.DHCP_MODES
+    uplink: str | None = None  # what the uplink is (and whether the kernel agrees)
+    apt_cache: AptCacheStats | None = None
 
     def describe(self) -> str:
         if self.phase == "down":
@@ -159,6 +179,14 @@ class LabStatus:
             lines.append(f"  inventory  {self.inventory_path}")
         if self.ssh_port:
             lines.append(f"  master SSH 127.0.0.1:{self.ssh_port}")
+        if self.dhcp:
+            lines.append(f"  DHCP       {self.dhcp}" + (
+                " (home router: one address, leases keyed by client identity, no reservation)"
+                if self.dhcp == "router" else " (master's address reserved for its client id)"))
+        if self.uplink:
+            lines.append(f"  uplink     {self.uplink}")
+        if self.apt_cache is not None:
+            lines.append(f"  apt cache  {self.apt_cache.describe()}")
         lines.append("  nodes:")
         for node in self.nodes:
             state = f"running (init pid {node.pid})" if node.running else "stopped"
@@ -201,11 +229,17 @@ class Lab:
         state_root: Path = STATE_ROOT,
         cache_root: Path = CACHE_ROOT,
         progress: Progress | None = None,
+        dhcp: str | None = None,
     ) -> None:
+        """``dhcp``: "reserved" (the default for a new lab) or "router" (see
+        plan.DHCP_MODES); None takes what a lab that is up recorded."""
         self.source_path = Path(inventory_path).resolve()
         inventory = load_inventory(self.source_path)
         self._init(inventory.cluster.name, state_root, cache_root, progress)
         self._given_inventory: Inventory | None = inventory
+        if dhcp is not None:
+            check_dhcp_mode(dhcp, static_master=inventory.master.public_boot == "static")
+        self._dhcp = dhcp
 
     @classmethod
     def from_state(
@@ -220,6 +254,7 @@ class Lab:
         lab = cls.__new__(cls)
         lab._init(cluster, state_root, cache_root, progress)
         lab._given_inventory = None
+        lab._dhcp = None
         lab.source_path = lab.paths.source_inventory
         return lab
 
@@ -281,7 +316,15 @@ class Lab:
             raise LabError(f"the lab of cluster {self.cluster} is not up",
                            hint="homeclust lab up")
         return make_plan(self._recorded_inventory(), state.network, state.ssh_port,
-                         self.state_root)
+                         self.state_root, dhcp_mode=state.dhcp)
+
+    @property
+    def apt_cache_dir(self) -> Path:
+        """The archive relay's cache, shared by every lab using this cache root."""
+        return self.cache_root / "apt-cache"
+
+    def _services(self, plan: LabPlan) -> list[Service]:
+        return lab_services(plan, self.paths, apt_cache_dir=self.apt_cache_dir)
 
     def _state(self) -> LabState | None:
         return LabState.load(self.paths)
@@ -330,7 +373,8 @@ class Lab:
 
         inventory = self._given_inventory
         network = choose_institute_network(inventory.cluster.private_network, host_networks())
-        plan = make_plan(inventory, network, self._free_port(), self.state_root)
+        dhcp = self._dhcp or "reserved"
+        plan = make_plan(inventory, network, self._free_port(), self.state_root, dhcp_mode=dhcp)
         rootfs, built = ensure_rootfs(cache_root=self.cache_root, progress=self.progress)
         rootfs_seconds = time.monotonic() - started if built else 0.0
 
@@ -340,7 +384,7 @@ class Lab:
         LabState(
             cluster=self.cluster, source_inventory=str(self.source_path),
             institute_network=str(plan.institute_network), ssh_port=plan.ssh_port,
-            rootfs=str(rootfs), phase="starting",
+            rootfs=str(rootfs), phase="starting", dhcp=dhcp,
         ).save(self.paths)
         try:
             self._build(plan, rootfs, ready_timeout)
@@ -352,7 +396,8 @@ class Lab:
                 self.progress(f"cleaning up failed too: {exc}")
             raise
         state = self._state()
-        assert state is not None
+        if state is None:
+            raise LabError(f"the state of lab {self.cluster} vanished while it came up")
         dataclasses.replace(state, phase="up").save(self.paths)
         return self._info(plan, time.monotonic() - started, rootfs_seconds)
 
@@ -367,7 +412,8 @@ class Lab:
         self.paths.dnsmasq_conf.write_text(render.render_dnsmasq_conf(
             plan, self.paths.dnsmasq_leases, self.paths.log("dnsmasq-queries")))
         self.paths.dnsmasq_leases.write_text("")
-        for service in lab_services(plan, self.paths):
+        self.paths.uplink.unlink(missing_ok=True)  # a new lab starts at full speed
+        for service in self._services(plan):
             spawn(service.argv, self.paths.log(service.name), self.paths.pidfile(service.name),
                   cwd=Path("/"))
 
@@ -385,9 +431,15 @@ class Lab:
 
     def _resume(self, state: LabState, started: float, ready_timeout: float) -> LabInfo:
         """``up`` on a lab that exists: start what is stopped, or say it is broken."""
+        if self._dhcp is not None and self._dhcp != state.dhcp:
+            raise LabError(
+                f"the lab of cluster {self.cluster} is up with DHCP mode {state.dhcp!r}, "
+                f"not {self._dhcp!r}",
+                hint=f"homeclust lab down, then homeclust lab up --dhcp {self._dhcp}",
+            )
         plan = self.plan
         broken = [ns for ns in plan.namespaces if not netns_exists(ns)]
-        broken += [s.name for s in lab_services(plan, self.paths)
+        broken += [s.name for s in self._services(plan)
                    if not is_running(read_pidfile(self.paths.pidfile(s.name)))]
         if state.phase != "up" or broken:
             what = ", ".join(broken) if broken else "it never finished starting"
@@ -465,15 +517,66 @@ class Lab:
                                           leader.pid if leader and is_running(leader) else None))
         services = tuple(
             (s.name, s.where, is_running(read_pidfile(self.paths.pidfile(s.name))))
-            for s in lab_services(plan, self.paths)
+            for s in self._services(plan)
         )
+        namespaces = tuple((ns, netns_exists(ns)) for ns in plan.namespaces)
         return LabStatus(
             cluster=self.cluster, phase=state.phase, nodes=tuple(node_states),
-            services=services,
-            namespaces=tuple((ns, netns_exists(ns)) for ns in plan.namespaces),
+            services=services, namespaces=namespaces,
             inventory_path=self.paths.inventory if self.paths.inventory.exists() else None,
-            ssh_port=plan.ssh_port,
+            ssh_port=plan.ssh_port, dhcp=state.dhcp,
+            uplink=self._describe_uplink(plan) if all(e for _, e in namespaces) else None,
+            apt_cache=self.apt_cache_stats(),
         )
+
+    # ------------------------------------------------------------------
+    # The world outside: uplink and package mirror
+    # ------------------------------------------------------------------
+
+    def set_uplink(self, rate: str | None, delay_ms: int = 0) -> lab_uplink.Uplink:
+        """Make the lab's uplink slow: ``rate`` a tc rate ("4mbit"; None: unlimited),
+        ``delay_ms`` added before each archive response.  Replaces any earlier setting.
+
+        The rate is a tbf on both ends of the internet host's cable (inside the
+        lab's namespaces); the delay is the archive relay's, as this kernel may
+        lack netem (see uplink.py).
+        """
+        wanted = lab_uplink.make_uplink(rate, delay_ms)
+        plan = self.plan
+        missing = [ns for ns in plan.namespaces if not netns_exists(ns)]
+        if missing:
+            raise LabError(f"the lab's namespaces are missing: {', '.join(missing)}",
+                           hint="homeclust lab down, then homeclust lab up")
+        lab_uplink.apply_uplink(plan, self.paths.uplink, wanted)
+        return wanted
+
+    def uplink(self) -> lab_uplink.Uplink:
+        """The uplink setting recorded by ``set_uplink`` (unlimited when never set)."""
+        if self._state() is None:
+            raise LabError(f"the lab of cluster {self.cluster} is not up", hint="homeclust lab up")
+        return lab_uplink.recorded_uplink(self.paths.uplink)
+
+    def _describe_uplink(self, plan: LabPlan) -> str:
+        wanted = lab_uplink.recorded_uplink(self.paths.uplink)
+        shown = lab_uplink.read_shaping(plan)
+        text = wanted.describe()
+        disagree = [f"{port}: {lab_uplink.format_rate(rate)}" for port, rate in shown.items()
+                    if rate != wanted.rate_bps]
+        if disagree:
+            text += f" -- but the kernel shows {', '.join(disagree)}"
+        return text
+
+    def apt_cache_stats(self) -> AptCacheStats:
+        """Counters of this lab's archive relay since ``up``: hits, misses, bytes from upstream.
+
+        Take one before and one after an action and subtract them to see what
+        that action cost, e.g. ``(after - before).upstream_bytes == 0``.
+        """
+        try:
+            with open(self.paths.apt_cache_stats, encoding="utf-8", errors="replace") as log:
+                return summarize(log)
+        except FileNotFoundError:
+            return AptCacheStats()
 
     def stop(self, node: str) -> None:
         """Power a node off (clean shutdown); its disk is kept."""
@@ -514,7 +617,8 @@ class Lab:
 
     def _rootfs(self) -> Path:
         state = self._state()
-        assert state is not None
+        if state is None:
+            raise LabError(f"the lab of cluster {self.cluster} is not up", hint="homeclust lab up")
         return Path(state.rootfs)
 
     # ------------------------------------------------------------------
@@ -606,7 +710,7 @@ class Lab:
                 future.result()
 
     def _check_services(self, plan: LabPlan) -> None:
-        for service in lab_services(plan, self.paths):
+        for service in self._services(plan):
             if not is_running(read_pidfile(self.paths.pidfile(service.name))):
                 raise _service_died(service, self.paths.log(service.name))
 
@@ -682,7 +786,7 @@ class Lab:
             admin_address=plan.admin_address, master_public_address=plan.master_public_address,
             master_public_by_dhcp=not plan.master_public_static,
             nodes=tuple(n.name for n in plan.nodes), elapsed=elapsed, rootfs_seconds=rootfs_seconds,
-            already_up=already_up,
+            already_up=already_up, dhcp=plan.dhcp_mode,
         )
 
 

@@ -8,7 +8,7 @@ switch namespace and plugged in by the node supervisor.
 
 from __future__ import annotations
 
-from homeclust.lab.plan import INSTITUTE_BRIDGE, PRIVATE_BRIDGE, LabPlan
+from homeclust.lab.plan import INSTITUTE_BRIDGE, INTERNET_SWITCH_PORT, PRIVATE_BRIDGE, LabPlan
 from homeclust.lab.system import ip_batch, netns_add, netns_delete, netns_exists
 
 
@@ -25,9 +25,9 @@ def create_network(plan: LabPlan) -> None:
         f"link add {PRIVATE_BRIDGE} type bridge stp_state 0",
         f"link set {INSTITUTE_BRIDGE} up",
         f"link set {PRIVATE_BRIDGE} up",
-        f"link add inet0 type veth peer name eth0 netns {plan.internet_netns}",
+        f"link add {INTERNET_SWITCH_PORT} type veth peer name eth0 netns {plan.internet_netns}",
         f"link add admin0 type veth peer name eth0 netns {plan.admin_netns}",
-        f"link set inet0 master {INSTITUTE_BRIDGE} up",
+        f"link set {INTERNET_SWITCH_PORT} master {INSTITUTE_BRIDGE} up",
         f"link set admin0 master {INSTITUTE_BRIDGE} up",
     ])
     # The internet host: no default route and no route to the private network,

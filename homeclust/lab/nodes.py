@@ -82,7 +82,10 @@ def write_first_boot_files(
     ssh_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(ssh_dir, 0o700)
     write("root/.ssh/authorized_keys", admin_public_key.strip() + "\n", 0o600)
-    if node.role == "master" and not plan.master_public_static:
+    # On a home router (dhcp_mode "router") the master keeps the installer's
+    # dhclient.conf: no client id there (ifupdown's `dhclient -i` still sends a
+    # DUID-based one, as on any Debian install).
+    if node.role == "master" and not plan.master_public_static and plan.dhcp_mode == "reserved":
         base_path = root / "etc/dhcp/dhclient.conf"
         base = base_path.read_text() if base_path.exists() else ""
         write("etc/dhcp/dhclient.conf", render.render_dhclient_conf(
@@ -129,7 +132,6 @@ def power_off(nodes: list[tuple[str, NodePaths]], timeout: float = STOP_TIMEOUT)
         supervisor = read_pidfile(node_paths.supervisor_pid)
         if is_running(supervisor):
             running.append(name)
-            assert supervisor is not None
             os.kill(supervisor.pid, signal.SIGTERM)
             supervisors.append(supervisor)
     wait_gone(supervisors, timeout)
@@ -156,9 +158,8 @@ def leader_pid(node_name: str, node_paths: NodePaths) -> int:
     if not is_node_running(node_paths):
         raise LabError(f"lab node {node_name} is not running", hint=f"homeclust lab start {node_name}")
     leader = read_pidfile(node_paths.leader_pid)
-    if not is_running(leader):
+    if leader is None or not is_running(leader):
         raise LabError(f"lab node {node_name} is still starting (no init process yet)")
-    assert leader is not None
     return leader.pid
 
 

@@ -31,6 +31,8 @@ CACHE_ROOT = Path("/var/cache/homeclust-lab")
 
 INSTITUTE_BRIDGE = "br-inst"
 PRIVATE_BRIDGE = "br-priv"
+#: The internet host's port on the institute bridge (in the switch namespace).
+INTERNET_SWITCH_PORT = "inet0"
 WHOAMI_PORT = 8080
 APT_RELAY_PORT = 80
 
@@ -47,6 +49,14 @@ INSTITUTE_CANDIDATES = tuple(
 )
 
 _MACHINE_NAME_MAX = 64
+
+#: How the institute network's DHCP server treats the master's public interface:
+#: "reserved" -- an institute's server: the master's address is reserved for its
+#: client id (the inventory's dhcp_client_id), whatever else happens;
+#: "router" -- a home router: no reservation, leases keyed by client identity
+#: (client id when sent, else MAC), and a pool of exactly one address, so a
+#: client that changes its identity gets nothing while its old lease lives.
+DHCP_MODES = ("reserved", "router")
 
 
 @dataclass(frozen=True)
@@ -87,6 +97,7 @@ class LabPlan:
     dhcp_range: tuple[IPv4Address, IPv4Address]
     ssh_port: int
     nodes: tuple[LabNode, ...]
+    dhcp_mode: str = "reserved"  # one of DHCP_MODES
 
     @property
     def switch_netns(self) -> str:
@@ -170,15 +181,18 @@ def make_plan(
     institute_network: IPv4Network,
     ssh_port: int,
     state_root: Path = STATE_ROOT,
+    dhcp_mode: str = "reserved",
 ) -> LabPlan:
     """Every name and address of the lab for ``inventory``."""
     cluster = inventory.cluster.name
     master = inventory.master
     private_prefix = inventory.cluster.private_network.prefixlen
+    check_dhcp_mode(dhcp_mode, static_master=master.public_boot == "static")
 
     if master.public_boot == "static":
         # Replicate the inventory's public subnet; its gateway plays the internet host.
-        assert master.public_address is not None and master.public_gateway is not None
+        if master.public_address is None or master.public_gateway is None:
+            raise LabError("a static public side needs public_address and public_gateway")
         institute_network = master.public_address.network
         internet = master.public_gateway
         master_public = master.public_address.ip
@@ -191,6 +205,10 @@ def make_plan(
     hosts = list(institute_network.hosts())
     dhcp_range = (hosts[99], hosts[min(198, len(hosts) - 1)]) if len(hosts) > 120 else (
         hosts[-20], hosts[-1])
+    if dhcp_mode == "router":
+        # The router's whole pool is the master's address: the admin's forward
+        # still finds the master, and a second identity finds nothing left.
+        dhcp_range = (master_public, master_public)
 
     nodes: list[LabNode] = []
     master_links = (
@@ -240,7 +258,18 @@ def make_plan(
         dhcp_range=dhcp_range,
         ssh_port=ssh_port,
         nodes=tuple(nodes),
+        dhcp_mode=dhcp_mode,
     )
+
+
+def check_dhcp_mode(mode: str, *, static_master: bool) -> None:
+    if mode not in DHCP_MODES:
+        raise LabError(f"unknown lab DHCP mode {mode!r}", hint=f"one of: {', '.join(DHCP_MODES)}")
+    if mode == "router" and static_master:
+        raise LabError(
+            "DHCP mode 'router' needs a master whose public side uses DHCP",
+            hint='the inventory says [master] public_boot = "static"; use the default mode',
+        )
 
 
 def _first_free(network: IPv4Network, used: set[IPv4Address]) -> IPv4Address:

@@ -34,8 +34,14 @@ from homeclust.quoting import (
 
 
 def render_dnsmasq_conf(plan: LabPlan, lease_file: Path, log_file: Path) -> str:
-    """dnsmasq for the institute network: DHCP (master's address reserved by client id)
-    and DNS that answers for the lab only -- no upstream, nothing leaves the lab."""
+    """dnsmasq for the institute network: DHCP and DNS that answers for the lab only --
+    no upstream, nothing leaves the lab.
+
+    DHCP as ``plan.dhcp_mode`` says: "reserved" (an institute's server: the
+    master's address reserved for its client id) or "router" (a home router:
+    no reservation, leases keyed by client identity -- dnsmasq's default: the
+    client id when one is sent, else the MAC -- and a pool of one address).
+    """
     net = plan.institute_network
     # dnsmasq's configuration has no quoting: a ',' or a line break in a name would
     # add fields or options of its own.
@@ -59,7 +65,8 @@ def render_dnsmasq_conf(plan: LabPlan, lease_file: Path, log_file: Path) -> str:
         f"host-record=admin,{plan.admin_address}",
         f"host-record={','.join(names)},{plan.master_public_address}",
         "dhcp-authoritative",
-        # Reserved addresses are ours to hand out; skip dnsmasq's ping-before-offer delay.
+        # Every address in the pool is the lab's to hand out; skip dnsmasq's
+        # ping-before-offer delay.
         "no-ping",
         f"dhcp-range={plan.dhcp_range[0]},{plan.dhcp_range[1]},{net.netmask},12h",
         f"dhcp-option=option:router,{plan.internet_address}",
@@ -72,7 +79,7 @@ def render_dnsmasq_conf(plan: LabPlan, lease_file: Path, log_file: Path) -> str:
         "pid-file=",
         "user=root",
     ]
-    if not plan.master_public_static:
+    if not plan.master_public_static and plan.dhcp_mode == "reserved":
         # The guide's BOOTPROTO=dhcp + DHCP_CLIENT_ID: the institute reserves the
         # master's public address for its client id, so it never changes.
         # The id in hex: exactly the bytes dhclient sends for the string id.
@@ -157,8 +164,10 @@ def render_interfaces(plan: LabPlan, node: LabNode) -> str:
                 f"    gateway {plan.internet_address}\n"
             )
         else:
+            how = (" (address reserved by DHCP client id)" if plan.dhcp_mode == "reserved"
+                   else "")
             parts.append(
-                f"\n# The institute network (address reserved by DHCP client id)\n"
+                f"\n# The institute network{how}\n"
                 f"auto {public}\niface {public} inet dhcp\n"
             )
         parts.append(

@@ -3,13 +3,18 @@
 =======================  ==========================  ===================================
 service                  runs in                     does
 =======================  ==========================  ===================================
-apt-upstream             machine's own namespace     Unix socket -> Debian's archive
+apt-cache                machine's own namespace     Unix socket -> Debian's archive,
+                                                     caching (aptcache.py)
 apt-relay                internet namespace          <internet>:80 -> that socket
 dnsmasq                  internet namespace          DHCP + DNS of the institute network
 whoami                   internet namespace          answers with the caller's address
 admin-ssh-forward        admin namespace             Unix socket -> master's public :22
 admin-ssh-listen         machine's own namespace     127.0.0.1:<port> -> that socket
 =======================  ==========================  ===================================
+
+The archive relay caches what it fetches in a directory shared by every lab
+on the machine (``/var/cache/homeclust-lab/apt-cache``), so a second lab run
+downloads nothing it already has.
 
 Unix sockets are files, not network addresses: they connect the namespaces
 without giving the machine's own namespace any route into the lab.  So the
@@ -21,12 +26,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from homeclust.lab.plan import APT_RELAY_PORT, WHOAMI_PORT, LabPlan
+from homeclust.lab.plan import APT_RELAY_PORT, CACHE_ROOT, WHOAMI_PORT, LabPlan
 from homeclust.lab.state import LabPaths
 from homeclust.lab.system import in_netns
 
-UPSTREAM_ARCHIVE = ("deb.debian.org", 80)
+#: The archive relay's cache, shared by every lab on this machine.
+APT_CACHE_DIR = CACHE_ROOT / "apt-cache"
 
 
 @dataclass(frozen=True)
@@ -36,16 +43,17 @@ class Service:
     argv: tuple[str, ...]
 
 
-def lab_services(plan: LabPlan, paths: LabPaths, python: str = sys.executable) -> list[Service]:
+def lab_services(plan: LabPlan, paths: LabPaths, python: str = sys.executable,
+                 apt_cache_dir: Path = APT_CACHE_DIR) -> list[Service]:
     """The services in start order (each one's dependencies come before it)."""
     apt_sock = paths.socket("apt-relay")
     ssh_sock = paths.socket("admin-ssh")
     inet, admin = plan.internet_netns, plan.admin_netns
-    archive_host, archive_port = UPSTREAM_ARCHIVE
     return [
-        Service("apt-upstream", "host", (
-            "socat", f"UNIX-LISTEN:{apt_sock},fork,unlink-early,mode=600",
-            f"TCP:{archive_host}:{archive_port},connect-timeout=15",
+        Service("apt-cache", "host", (
+            python, "-m", "homeclust.lab", "aptcache", "--socket", str(apt_sock),
+            "--cache", str(apt_cache_dir), "--stats", str(paths.apt_cache_stats),
+            "--uplink", str(paths.uplink),
         )),
         Service("apt-relay", inet, tuple(in_netns(inet, [
             "socat", f"TCP-LISTEN:{APT_RELAY_PORT},bind={plan.internet_address},fork,reuseaddr",

@@ -7,8 +7,8 @@ Layout of ``/var/lib/homeclust-lab/<cluster>/``::
     inventory.toml          the lab inventory: point homeclust at this one
     admin_key, admin_key.pub  the lab admin's SSH key (root on every node)
     known_hosts             the lab's pinned host keys (emptied when nodes are new)
-    run/                    PID files, sockets, dnsmasq config and leases
-    logs/                   one log per service and per node console
+    run/                    PID files, sockets, dnsmasq config and leases, uplink.json
+    logs/                   one log per service and per node console; apt-cache.jsonl
     nodes/<name>/upper      the node's disk: overlay upper dir over the cached rootfs
     nodes/<name>/root       where that overlay is mounted while the node runs
 """
@@ -78,6 +78,16 @@ class LabPaths:
     def dnsmasq_leases(self) -> Path:
         return self.run / "dnsmasq.leases"
 
+    @property
+    def uplink(self) -> Path:
+        """The uplink setting (uplink.py): read by the archive relay and by status."""
+        return self.run / "uplink.json"
+
+    @property
+    def apt_cache_stats(self) -> Path:
+        """The archive relay's JSON-lines log: one line per request (aptcache.py)."""
+        return self.logs / "apt-cache.jsonl"
+
     def node(self, name: str) -> NodePaths:
         return NodePaths(self.nodes / name)
 
@@ -130,6 +140,7 @@ class LabState:
     rootfs: str
     phase: str  # "starting" while up() runs, "up" once every node answered
     version: int = STATE_VERSION
+    dhcp: str = "reserved"  # plan.DHCP_MODES; absent in states written before it existed
 
     @property
     def network(self) -> IPv4Network:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from homeclust.errors import LabError
 from homeclust.lab.cgroups import join_node_cgroups, remove_node_cgroups
 from homeclust.lab.system import children, identify, netns_path, write_pidfile
 
@@ -135,9 +136,14 @@ class Supervisor:
         self.log(f"systemd-nspawn exited with status {status}")
         return 0 if status in (0, REBOOT_STATUS) or self.stopping else status
 
+    def _nspawn(self) -> subprocess.Popen[bytes]:
+        if self.nspawn is None:
+            raise LabError("systemd-nspawn is not running (supervisor bug)")
+        return self.nspawn
+
     def plug_links(self) -> bool:
         """Put each veth host end on its bridge as soon as nspawn has created it."""
-        assert self.nspawn is not None
+        nspawn = self._nspawn()
         pending = dict(self.spec.links)
         deadline = time.monotonic() + LINK_TIMEOUT
         while pending:
@@ -151,7 +157,7 @@ class Supervisor:
                     del pending[host_end]
             if not pending:
                 return True
-            if self.nspawn.poll() is not None or self.stopping:
+            if nspawn.poll() is not None or self.stopping:
                 return False
             if time.monotonic() > deadline:
                 self.log(f"veths {', '.join(pending)} did not appear in {LINK_TIMEOUT:g} s")
@@ -162,11 +168,11 @@ class Supervisor:
     def record_leader(self) -> None:
         """The container's init is nspawn's child in a PID namespace of its own
         (nspawn's short-lived helper child shares ours); remember it for ``Lab.exec``."""
-        assert self.nspawn is not None
+        nspawn = self._nspawn()
         own_pidns = os.stat("/proc/self/ns/pid").st_ino
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self.nspawn.poll() is None:
-            for kid in children(self.nspawn.pid):
+        while time.monotonic() < deadline and nspawn.poll() is None:
+            for kid in children(nspawn.pid):
                 try:
                     if os.stat(f"/proc/{kid}/ns/pid").st_ino == own_pidns:
                         continue

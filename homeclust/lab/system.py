@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 from homeclust.errors import LabError
 
@@ -150,7 +151,7 @@ def identify(pid: int) -> ProcessId | None:
     return ProcessId(pid, start) if start is not None else None
 
 
-def is_running(proc: ProcessId | None) -> bool:
+def is_running(proc: ProcessId | None) -> TypeGuard[ProcessId]:
     """True while the very process we started exists and is not a zombie."""
     if proc is None:
         return False
@@ -214,7 +215,6 @@ def terminate(proc: ProcessId | None, timeout: float = 10.0) -> bool:
     """SIGTERM the process we started, wait, SIGKILL if needed.  True if it had been running."""
     if not is_running(proc):
         return False
-    assert proc is not None
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGTERM)
     if wait_gone([proc], timeout):
@@ -231,7 +231,6 @@ def end_all(procs: Sequence[ProcessId | None], timeout: float = 10.0) -> int:
     """
     running = [p for p in procs if is_running(p)]
     for proc in running:
-        assert proc is not None
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGTERM)
     if not wait_gone(running, timeout):
@@ -243,7 +242,6 @@ def end_all(procs: Sequence[ProcessId | None], timeout: float = 10.0) -> int:
 def kill(procs: Iterable[ProcessId | None]) -> None:
     for proc in procs:
         if is_running(proc):
-            assert proc is not None
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
 

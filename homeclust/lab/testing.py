@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import paramiko
 
+from homeclust.errors import LabError
 from homeclust.lab.lab import Lab
 
 
@@ -28,7 +29,8 @@ def connect(the_lab: Lab, node: str, via: paramiko.SSHClient | None = None) -> p
         return client
     jump = via or connect(the_lab, plan.master.name)
     transport = jump.get_transport()
-    assert transport is not None
+    if transport is None:
+        raise LabError(f"no SSH connection to {plan.master.name} to reach {node} through")
     address = str(target.private_address.ip)
     channel = transport.open_channel("direct-tcpip", (address, 22), ("127.0.0.1", 0), timeout=15)
     client.connect(address, sock=channel, username="root", key_filename=key, look_for_keys=False,

@@ -18,7 +18,9 @@ from homeclust.steps.mpi import MpiStep
 from homeclust.steps.nat import NatStep
 from homeclust.steps.network import NetworkStep
 from homeclust.steps.repo import RepoStep
+from homeclust.steps.slurm import SlurmStep
 from homeclust.steps.sshkeys import SshKeysStep
+from homeclust.steps.torque import TorqueStep
 
 
 def worker_packages(inventory: Inventory, platform: Platform) -> tuple[str, ...]:
@@ -32,10 +34,11 @@ def worker_packages(inventory: Inventory, platform: Platform) -> tuple[str, ...]
 
 
 #: Registry order is the documented order; dependencies must point backwards.
+#: ``torque`` and ``slurm`` exclude each other (``[scheduler] kind``, see Step.enabled).
 REGISTRY: dict[str, Step] = {
     step.name: step for step in (
         NetworkStep(), FirewallStep(), NatStep(), RepoStep(worker_packages), SshKeysStep(),
-        MpiStep(), MonitorStep(),
+        MpiStep(), TorqueStep(), SlurmStep(), MonitorStep(),
     )
 }
 

@@ -188,6 +188,13 @@ class Step(ABC):
         """Whether this step does anything on ``node``."""
         return True
 
+    def preflight(self, ctx: PlanContext) -> None:
+        """Raise :class:`StepError` if this step can never work on this host as the
+        inventory asks (e.g. Torque on a platform without Torque packages).  ``up``
+        asks every step on every host before it changes anything, so such a mismatch
+        stops the run with nothing changed anywhere; :meth:`plan` should raise it too."""
+        return None
+
     @abstractmethod
     def plan(self, ctx: PlanContext) -> StepPlan:
         """The changes that bring the host to the inventory's state (pure)."""

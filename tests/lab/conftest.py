@@ -49,11 +49,11 @@ def progress(message: str) -> None:
         print(f"\n[lab] {message}", file=sys.stderr, flush=True)
 
 
-def start_lab(inventory: Path) -> tuple[Lab, LabInfo]:
-    """A fresh lab for ``inventory``, or pytest.fail with the reason."""
+def start_lab(inventory: Path, *, dhcp: str | None = None) -> tuple[Lab, LabInfo]:
+    """A fresh lab for ``inventory`` (``dhcp``: the lab's DHCP mode), or pytest.fail."""
     if os.geteuid() != 0:
         pytest.fail("the lab tests need root (run scripts/test as root)", pytrace=False)
-    the_lab = Lab(inventory, progress=progress)
+    the_lab = Lab(inventory, progress=progress, dhcp=dhcp)
     try:
         the_lab.down()  # whatever an interrupted earlier run left behind
         info = the_lab.up()

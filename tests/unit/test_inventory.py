@@ -53,6 +53,12 @@ def test_repo_inventory_is_the_guides_cluster() -> None:
     assert all(n.slots == 128 for n in inventory.nodes)
 
 
+def test_schedulers_know_whether_slots_were_written_or_defaulted() -> None:
+    inventory = parse_inventory(inv(master__slots=16, workers__1__slots=1), Path("c.toml"))
+    assert [(n.slots, n.slots_given) for n in inventory.nodes] == [
+        (16, True), (1, False), (1, True)]
+
+
 def test_defaults_fill_everything_but_names_and_addresses() -> None:
     inventory = parse_inventory(inv(), Path("/tmp/x/inv.toml"))
     assert inventory.ssh.user == "root" and inventory.ssh.port == 22
@@ -182,7 +188,7 @@ def test_steps_follow_dependencies_not_typing_order() -> None:
     names = [s.name for s in resolve_steps(inventory, ["firewall,network", "nat"])]
     assert names == ["network", "firewall", "nat"]  # nat never forwards before the firewall
     assert [s.name for s in resolve_steps(inventory, None, ["nat"])] == [
-        "network", "firewall", "repo", "ssh-keys", "mpi", "monitor"]
+        "network", "firewall", "repo", "ssh-keys", "mpi", "torque", "monitor"]
     # monitor installs the workers' tools from the master's repository
     assert [s.name for s in resolve_steps(inventory, ["monitor,repo,firewall"])] == [
         "firewall", "repo", "monitor"]

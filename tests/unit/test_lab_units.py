@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import tomllib
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -14,8 +15,8 @@ import tomli_w
 
 from homeclust.errors import LabError
 from homeclust.inventory import Inventory, load_inventory
-from homeclust.lab import render
-from homeclust.lab.nodes import nspawn_argv
+from homeclust.lab import render, uplink
+from homeclust.lab.nodes import nspawn_argv, write_first_boot_files
 from homeclust.lab.plan import (
     LabPlan,
     choose_institute_network,
@@ -27,7 +28,7 @@ from homeclust.lab.plan import (
 )
 from homeclust.lab.rootfs import BASE_PACKAGES, Recipe
 from homeclust.lab.services import lab_services
-from homeclust.lab.state import LabPaths
+from homeclust.lab.state import LabPaths, LabState
 from homeclust.lab.supervisor import SupervisorSpec
 from homeclust.lab.system import ProcessId
 
@@ -323,8 +324,150 @@ def test_services_keep_the_lab_off_the_machine_network(
     services = {s.name: s for s in lab_services(plan, LabPaths(tmp_path), python="python3")}
     # In the machine's own namespace only loopback listens, and only the archive is dialled.
     assert "bind=127.0.0.1" in " ".join(services["admin-ssh-listen"].argv)
-    assert services["apt-upstream"].argv[-1].startswith("TCP:deb.debian.org:80")
+    # The archive relay listens on a Unix socket only; its upstream is the fixed default.
+    relay = services["apt-cache"].argv
+    assert relay[:4] == ("python3", "-m", "homeclust.lab", "aptcache")
+    assert relay[relay.index("--socket") + 1] == str(tmp_path / "run" / "apt-relay.sock")
+    assert "--upstream" not in relay
+    assert services["apt-relay"].argv[-1] == f"UNIX-CONNECT:{tmp_path / 'run' / 'apt-relay.sock'}"
     for name in ("apt-relay", "dnsmasq", "whoami"):
         assert services[name].argv[:2] == ("nsenter", "--net=/run/netns/hclab-homeclust-inet")
     assert services["admin-ssh-forward"].argv[1] == "--net=/run/netns/hclab-homeclust-admin"
     assert "TCP:10.77.0.10:22" in " ".join(services["admin-ssh-forward"].argv)
+
+
+# ------------------------------------------------------ DHCP: home router
+
+
+def test_router_mode_pool_is_the_master_address_without_reservation(
+    inventory: Inventory, tmp_path: Path
+) -> None:
+    plan = make_plan(inventory, LAB_NET, 20222, tmp_path, dhcp_mode="router")
+    assert plan.dhcp_range == (plan.master_public_address, plan.master_public_address)
+    conf = render.render_dnsmasq_conf(plan, tmp_path / "leases", tmp_path / "log")
+    lines = conf.splitlines()
+    assert "dhcp-range=10.77.0.10,10.77.0.10,255.255.255.0,12h" in lines
+    assert not any(line.startswith("dhcp-host") for line in lines)
+    # Leases keyed by client identity: dnsmasq's default, so nothing may switch it off.
+    assert not any(line.startswith("dhcp-ignore-clid") for line in lines)
+
+
+def test_reserved_mode_is_the_default(plan: LabPlan) -> None:
+    assert plan.dhcp_mode == "reserved"
+    assert plan.dhcp_range == (IPv4Address("10.77.0.100"), IPv4Address("10.77.0.199"))
+
+
+def test_router_mode_interfaces_say_nothing_of_a_reservation(
+    inventory: Inventory, tmp_path: Path
+) -> None:
+    plan = make_plan(inventory, LAB_NET, 20222, tmp_path, dhcp_mode="router")
+    text = render.render_interfaces(plan, plan.master)
+    assert "# The institute network\nauto eth0\niface eth0 inet dhcp\n" in text
+    assert "reserved" not in text
+
+
+def test_dhcp_mode_errors(inventory: Inventory, tmp_path: Path) -> None:
+    with pytest.raises(LabError, match="unknown lab DHCP mode 'home'"):
+        make_plan(inventory, LAB_NET, 20222, tmp_path, dhcp_mode="home")
+    with pytest.raises(LabError, match="public side uses DHCP"):
+        make_plan(_static_inventory(tmp_path), LAB_NET, 20222, tmp_path, dhcp_mode="router")
+
+
+def test_router_mode_first_boot_dhclient_conf_is_the_installers(
+    inventory: Inventory, tmp_path: Path
+) -> None:
+    base = "# Debian's dhclient.conf\nsend host-name = gethostname();\n"
+    for mode, has_client_id in (("reserved", True), ("router", False)):
+        plan = make_plan(inventory, LAB_NET, 20222, tmp_path, dhcp_mode=mode)
+        root = tmp_path / mode
+        (root / "etc/dhcp").mkdir(parents=True)
+        (root / "etc/dhcp/dhclient.conf").write_text(base)
+        write_first_boot_files(plan, plan.master, root, "ssh-ed25519 AAAA lab")
+        text = (root / "etc/dhcp/dhclient.conf").read_text()
+        assert ("dhcp-client-identifier" in text) is has_client_id, mode
+        if not has_client_id:
+            assert text == base
+
+
+def test_lab_state_reads_states_written_before_the_dhcp_mode(tmp_path: Path) -> None:
+    paths = LabPaths(tmp_path)
+    state = LabState(cluster="c", source_inventory="i", institute_network="10.77.0.0/24",
+                     ssh_port=1, rootfs="/r", phase="up", dhcp="router")
+    state.save(paths)
+    assert LabState.load(paths) == state
+    data = json.loads(paths.state_file.read_text())
+    del data["dhcp"]
+    paths.state_file.write_text(json.dumps(data))
+    loaded = LabState.load(paths)
+    assert loaded is not None and loaded.dhcp == "reserved"
+
+
+# ----------------------------------------------------------------- uplink
+
+
+@pytest.mark.parametrize("text, bps", [
+    ("4mbit", 4_000_000), ("4Mbit", 4_000_000), ("512kbit", 512_000), ("1.5mbit", 1_500_000),
+    ("1gbit", 10**9), ("100kbps", 800_000), ("1mibit", 2**20), (" 2 mbit ", 2_000_000),
+])
+def test_parse_rate(text: str, bps: int) -> None:
+    assert uplink.parse_rate(text) == bps
+
+
+@pytest.mark.parametrize("text", ["4", "fast", "4 megabits", "-1mbit", "1kbit", ""])
+def test_parse_rate_refuses(text: str) -> None:
+    with pytest.raises(LabError):
+        uplink.parse_rate(text)
+
+
+def test_parse_delay() -> None:
+    assert uplink.parse_delay("100ms") == 100
+    assert uplink.parse_delay("1.5s") == 1500
+    assert uplink.parse_delay("250") == 250
+    for bad in ("soon", "-5ms", "2m", "61s"):
+        with pytest.raises(LabError):
+            uplink.parse_delay(bad)
+
+
+def test_uplink_describe_and_record() -> None:
+    assert uplink.Uplink().describe() == "unlimited"
+    limited = uplink.make_uplink("4mbit", 100)
+    assert limited.describe() == "4 Mbit/s each way, +100 ms before each archive response"
+    assert uplink.Uplink.from_json(limited.to_json()) == limited
+    assert uplink.Uplink.from_json("garbage") == uplink.Uplink()
+    assert uplink.make_uplink(None, 0) == uplink.Uplink()
+    assert uplink.format_rate(1_500_000) == "1.50 Mbit/s"
+    assert uplink.format_rate(512_000) == "512 kbit/s"
+    with pytest.raises(LabError):
+        uplink.make_uplink(None, -1)
+
+
+def test_tc_commands_shape_only_the_lab_namespaces(plan: LabPlan) -> None:
+    ports = uplink.uplink_ports(plan)
+    assert ports == [("hclab-homeclust-inet", "eth0"), ("hclab-homeclust-sw", "inet0")]
+    slow = uplink.make_uplink("4mbit")
+    for netns, device in ports:
+        (argv,) = uplink.tc_commands(netns, device, slow, shaped_now=False)
+        assert argv[:3] == ["tc", "-netns", netns]  # never the machine's own namespace
+        assert argv[3:9] == ["qdisc", "replace", "dev", device, "root", "tbf"]
+        assert argv[argv.index("rate") + 1] == "4000000bit"
+    assert uplink.tc_commands("ns", "eth0", uplink.Uplink(), shaped_now=True) == [
+        ["tc", "-netns", "ns", "qdisc", "del", "dev", "eth0", "root"]]
+    assert uplink.tc_commands("ns", "eth0", uplink.Uplink(), shaped_now=False) == []
+
+
+def test_tbf_parameters_hold_a_frame_and_half_a_second() -> None:
+    burst, limit = uplink.tbf_parameters(4_000_000)
+    assert burst >= 1514 and limit == 250_000
+    burst, limit = uplink.tbf_parameters(10**9)
+    assert burst == 1_250_000 and limit == 62_500_000
+    burst, limit = uplink.tbf_parameters(64_000)
+    assert burst == uplink.MIN_BURST and limit == 3 * burst
+
+
+def test_parse_tbf_rate_from_tc_json() -> None:
+    shown = ('[{"kind":"tbf","handle":"8002:","root":true,"refcnt":3,'
+             '"options":{"rate":500000,"burst":16384,"lat":467232}}]')
+    assert uplink.parse_tbf_rate(shown) == 4_000_000
+    assert uplink.parse_tbf_rate('[{"kind":"noqueue","handle":"0:","root":true}]') is None
+    assert uplink.parse_tbf_rate("") is None
+    assert uplink.parse_tbf_rate("not json") is None

@@ -329,20 +329,27 @@ def test_every_file_a_step_writes_is_read_back_by_the_facts(name: str, node: str
     from homeclust.steps import REGISTRY
 
     for step in REGISTRY.values():
-        if not step.targets(INV, INV.node(node)) or not step.enabled(INV):
+        # Each scheduler step under the inventory that enables it.
+        inv = INV if step.enabled(INV) else inventory(scheduler={"kind": "slurm"})
+        if not step.targets(inv, inv.node(node)) or not step.enabled(inv):
             continue
-        query = step.fact_query(INV)
+        query = step.fact_query(inv)
         patterns = query.paths | query.secret_paths
-        # Workers plan with their master's facts (the repo step points them at it).
-        cluster = {} if node == "master" else {"master": repo_master_for(name).facts()}
+        # The repo step plans a worker with its master's facts (it points it at them).
+        cluster = ({"master": repo_master_for(name).facts()}
+                   if step.name == "repo" and node != "master" else {})
+        fresh = PlanContext(inv, inv.node(node), recorded(name).facts(query), cluster)
         try:
-            planned = step.plan(PlanContext(INV, INV.node(node), recorded(name).facts(query),
-                                            cluster))
+            step.preflight(fresh)
+        except StepError:
+            continue  # refused before planning (Torque on Debian): writes nothing
+        try:
+            planned = step.plan(fresh)
         except StepError:
             # nat refuses a fresh master: plan it as the firewall step leaves one.
             if name.startswith("ubuntu"):
                 continue  # no converged Ubuntu state recorded
-            planned = step.plan(PlanContext(INV, INV.node(node),
+            planned = step.plan(PlanContext(inv, inv.node(node),
                                             after_firewall(name).facts(query), cluster))
         for change in planned.all_changes:
             if isinstance(change, FileChange):

@@ -147,10 +147,10 @@ def test_rhel_master_plan_shows_the_full_repo_build(name: str, tools: tuple[str,
     assert ("repotrack" in build.command) == el7
     assert ("dnf -q download --resolve --alldeps" in build.command) != el7
     assert ("createrepo -q --update" if el7 else "createrepo_c -q --update") in build.command
-    wanted = ("iptables iptables-services jq mpi4py-openmpi openmpi openssh-clients" if el7
-              else "iptables-nft iptables-services jq openmpi openssh-clients "
+    wanted = ("iptables iptables-services jq mpi4py-openmpi munge openmpi openssh-clients"
+              if el7 else "iptables-nft iptables-services jq munge openmpi openssh-clients "
               "python3-mpi4py-openmpi")
-    assert f"WANTED='{wanted} tcpdump'" in build.command
+    assert f"WANTED='{wanted} tcpdump torque-client torque-mom'" in build.command
     # RHEL packages carry the vendor's signatures: no cluster key on this family.
     assert not [c for c in commands(result) if "signing key" in c.description]
     assert "enable and start nginx.service" in result.descriptions()
@@ -265,8 +265,8 @@ def test_rhel_master_converged_and_its_manifest() -> None:
     assert plan(master).changes == ()
     manifest = parse_manifest(fixture_text("repo/rocky9-manifest"))
     assert manifest is not None and manifest.wanted == (
-        "iptables-nft", "iptables-services", "jq", "openmpi", "openssh-clients",
-        "python3-mpi4py-openmpi", "tcpdump")
+        "iptables-nft", "iptables-services", "jq", "munge", "openmpi", "openssh-clients",
+        "python3-mpi4py-openmpi", "tcpdump", "torque-client", "torque-mom")
     assert manifest.versions()["tcpdump"] == {"14:4.99.0-7.el9"}
     newer = master.but(x_repo_state=master.sections["x-repo-state"].replace(
         "candidate jq 0:1.6-16.el9", "candidate jq 0:1.6-17.el9"))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from homeclust.changes import CommandChange
+from homeclust.errors import StepError
 from homeclust.inventory import Inventory, parse_inventory
 from homeclust.runner import Runner
 from homeclust.steps.base import PlanContext, StepPlan
@@ -181,6 +182,29 @@ def test_check_reports_reachability_and_drift(failing: bool) -> None:
     assert names[("worker2", "ssh via master")] == "pass"
     assert names[("worker1", "beta in sync")] == ("fail" if failing else "pass")
     assert result.exit_code() == (1 if failing else 0)
+
+
+class RefusingStep(TouchStep):
+    """A step that cannot work on one host (like Torque on a platform without it)."""
+
+    def preflight(self, ctx: PlanContext) -> None:
+        if ctx.node.name == "worker2":
+            raise StepError("worker2: gamma cannot work here")
+
+
+def test_a_step_refused_on_one_host_stops_up_before_any_host_is_changed() -> None:
+    cluster = FakeCluster()
+    steps = [TouchStep("alpha"), RefusingStep("gamma", ("alpha",))]
+    result = runner(cluster, steps=steps).apply()
+    assert result.exit_code() == 1
+    assert not [c for c in cluster.calls if c.purpose.startswith("apply:")]
+    refused = result.outcome("worker2", "gamma")
+    assert refused is not None and refused.status == "failed"
+    assert refused.error == "worker2: gamma cannot work here"
+    skipped = result.outcome("master", "alpha")
+    assert skipped is not None and skipped.status == "skipped"
+    assert skipped.error == "not attempted: gamma cannot be done on worker2 (nothing was changed)"
+    assert len(result.outcomes) == 8  # every host x step accounted for
 
 
 class SeedThenUseStep(TouchStep):
