@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,18 @@ def homeclust_json(inventory: Path, *args: str, timeout: float = 900) -> tuple[i
             f"homeclust {' '.join(args)} printed no JSON (exit {done.returncode}):\n"
             f"{done.stdout}\n{done.stderr}") from None
     return done.returncode, data
+
+
+def wait_for_check(inventory: Path, *args: str, seconds: float = 90) -> dict[str, Any]:
+    """``check`` until it passes (no ``up`` in between): after a boot, daemons such as
+    slurmd take a few seconds to register with their controller."""
+    deadline = time.monotonic() + seconds
+    while True:
+        code, data = homeclust_json(inventory, "check", *args, timeout=600)
+        if code == 0 or time.monotonic() > deadline:
+            assert code == 0, failed_checks(data)
+            return data
+        time.sleep(3)
 
 
 def statuses(data: dict[str, Any]) -> dict[tuple[str, str], str]:

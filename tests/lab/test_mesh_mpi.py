@@ -19,7 +19,15 @@ import pytest
 import tomli_w
 
 from homeclust.lab import Lab, LabInfo
-from tests.lab.helpers import failed_checks, homeclust, homeclust_json, inventory_copy, sh, statuses
+from tests.lab.helpers import (
+    failed_checks,
+    homeclust,
+    homeclust_json,
+    inventory_copy,
+    sh,
+    statuses,
+    wait_for_check,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -127,8 +135,7 @@ def test_adding_a_worker_updates_every_node_and_the_next_job(mesh: Mesh) -> None
 def test_check_passes_again_after_rebooting_the_master_and_a_worker(mesh: Mesh) -> None:
     mesh.lab.reboot("master")
     mesh.lab.reboot("worker2")
-    code, data = homeclust_json(mesh.three, "check", timeout=600)
-    assert code == 0, failed_checks(data)
+    wait_for_check(mesh.three)
 
 
 def test_wiped_open_mpi_is_restored_on_that_node_alone(mesh: Mesh) -> None:

@@ -11,11 +11,9 @@ as the user, the files themselves.
 
 from __future__ import annotations
 
-import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import tomli_w
@@ -29,6 +27,7 @@ from tests.lab.helpers import (
     snapshot,
     statuses,
     tcp_connects,
+    wait_for_check,
 )
 
 pytestmark = pytest.mark.lab
@@ -80,17 +79,6 @@ def srun_as_user(lab: Lab, nodes: int) -> list[str]:
     out = sh(lab, "master", f"cd /tmp && runuser -u hpc -- srun --immediate=60 -N {nodes} "
                             "--ntasks-per-node=1 hostname", timeout=120)
     return sorted(out.split())
-
-
-def wait_for_check(inventory: Path, seconds: float = 90) -> dict[str, Any]:
-    """``check`` until it passes: daemons take a few seconds to register after a boot."""
-    deadline = time.monotonic() + seconds
-    while True:
-        code, data = homeclust_json(inventory, "check")
-        if code == 0 or time.monotonic() > deadline:
-            assert code == 0, failed_checks(data)
-            return data
-        time.sleep(3)
 
 
 def test_torque_on_debian_stops_before_changing_anything(fresh: Lab,
@@ -187,6 +175,6 @@ def test_a_new_worker_joins_slurm_conf_on_every_node_and_the_next_job(
         assert changed[(node, "slurm")] == "changed"
     confs = {sh(configured, node, f"cat {CONF}") for node in ALL}
     assert len(confs) == 1 and "NodeName=worker3 NodeAddr=192.168.10.4 " in confs.pop()
-    data = wait_for_check(lab_inventory_path, 60)
+    data = wait_for_check(lab_inventory_path, seconds=60)
     assert srun_as_user(configured, 4) == list(ALL)
     assert homeclust(lab_inventory_path, "plan").returncode == 0
