@@ -156,6 +156,12 @@ def cache_file(cache_dir: Path, path: str) -> Path:
     return cache_dir / path.lstrip("/")
 
 
+def wants_refresh(cache_control: str, pragma: str) -> bool:
+    """Whether a request asks for a revalidated copy (``no-cache``, ``max-age=0``)."""
+    directives = {d.strip().lower() for d in cache_control.split(",")}
+    return bool(directives & {"no-cache", "max-age=0"}) or pragma.strip().lower() == "no-cache"
+
+
 def is_fresh(kind: Kind, validated_at: float, now: float, ttl: float) -> bool:
     """May an entry be served without asking upstream?  (A clock jump back counts as stale.)"""
     return kind is Kind.IMMUTABLE or 0 <= now - validated_at < ttl
@@ -613,9 +619,13 @@ class RelayHandler(BaseHTTPRequestHandler):
                 self._refuse(record, close=False)
                 return
             entry = self.server.cache.open(path)
+            # A client asking for a fresh copy (apt's Acquire::http::No-Cache) gets index
+            # files revalidated now; immutable files never change, so they stay cached.
+            refresh = wants_refresh(self.headers.get("Cache-Control", ""),
+                                    self.headers.get("Pragma", ""))
             try:
                 if entry is not None and is_fresh(classify(path), entry.validated_at, time.time(),
-                                                  self.server.ttl):
+                                                  0.0 if refresh else self.server.ttl):
                     self._send_entry(entry, head, Outcome.HIT, record)
                 else:
                     self._ask_upstream(path, entry, head, record)

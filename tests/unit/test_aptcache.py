@@ -40,6 +40,7 @@ from homeclust.lab.aptcache import (
     summarize,
     upstream_length,
     upstream_target,
+    wants_refresh,
 )
 from homeclust.lab.uplink import Uplink
 
@@ -502,6 +503,24 @@ def test_index_files_are_fresh_within_the_ttl(
     relay.get(INRELEASE)
     assert relay.get(INRELEASE)[1]["X-Cache"] == "HIT"
     assert world.asked(INRELEASE) == 1
+
+
+def test_a_client_asking_for_fresh_copies_gets_index_files_revalidated(
+    relay: Relay, archive: tuple[FakeArchive, tuple[str, int]]
+) -> None:
+    """apt's Acquire::http::No-Cache sends Cache-Control: no-cache: index files are asked
+    upstream again within the TTL; immutable files stay cached."""
+    world, _ = archive
+    world.put(INRELEASE, b"v1", ETag='"v1"')
+    world.put(DEB, b"deb")
+    relay.get(INRELEASE)
+    relay.get(DEB)
+    fresh = {"Cache-Control": "no-cache", "Pragma": "no-cache"}
+    assert relay.get(INRELEASE, headers=fresh)[1]["X-Cache"] == "REVALIDATED"
+    assert relay.get(DEB, headers=fresh)[1]["X-Cache"] == "HIT"
+    assert (world.asked(INRELEASE), world.asked(DEB)) == (2, 1)
+    assert wants_refresh("max-age=0", "") and wants_refresh("", "no-cache")
+    assert not wants_refresh("max-age=3600", "")
 
 
 def test_client_conditional_requests_get_304(
