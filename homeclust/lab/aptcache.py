@@ -157,9 +157,13 @@ def cache_file(cache_dir: Path, path: str) -> Path:
 
 
 def wants_refresh(cache_control: str, pragma: str) -> bool:
-    """Whether a request asks for a revalidated copy (``no-cache``, ``max-age=0``)."""
+    """Whether a request insists on a fresh copy (``no-cache``).
+
+    apt sends ``max-age=0`` for every InRelease as a matter of course; honouring it
+    would make the cache useless for index files, so only an explicit ``no-cache``
+    (apt's ``Acquire::http::No-Cache``) counts."""
     directives = {d.strip().lower() for d in cache_control.split(",")}
-    return bool(directives & {"no-cache", "max-age=0"}) or pragma.strip().lower() == "no-cache"
+    return "no-cache" in directives or pragma.strip().lower() == "no-cache"
 
 
 def is_fresh(kind: Kind, validated_at: float, now: float, ttl: float) -> bool:
