@@ -284,17 +284,27 @@ def ansible_argv(lab: Lab, inventory: Path, forks: int, work: Path) -> list[str]
 # --------------------------------------------------------------------------- phases
 
 
-def small_cluster(directory: Path, report: Report, *, ansible: bool) -> dict[str, float]:
-    print("\n== 1 master + 3 workers", flush=True)
-    lab = Lab(bench_inventory("hcbench", 3, directory), progress=lambda m: None)
+def fresh_lab(name: str, workers: int, directory: Path) -> Lab:
+    print(f"\n== 1 master + {workers} workers", flush=True)
+    lab = Lab(bench_inventory(name, workers, directory), progress=lambda m: None)
     lab.down()
     lab.up()
+    return lab
+
+
+def record_floor(inventory: Path, expected: Path, forks: int) -> None:
+    """What the floor script compares with: the converged cluster's answers."""
+    subprocess.run([sys.executable, "-m", "homeclust.benchfloor", str(inventory),
+                    str(expected), "--record", "--forks", str(forks)], check=True, cwd=REPO)
+
+
+def small_cluster(directory: Path, report: Report, *, ansible: bool) -> dict[str, float]:
+    lab = fresh_lab("hcbench", 3, directory)
     figures: dict[str, float] = {}
     try:
         inventory = converge(lab, report, "1+3")
         expected = directory / "floor-expected.json"
-        subprocess.run([sys.executable, "-m", "homeclust.benchfloor", str(inventory),
-                        str(expected), "--record"], check=True, cwd=REPO)
+        record_floor(inventory, expected, 10)
         contenders = {
             "homeclust up": homeclust_argv(inventory, "up", "--only", STEPS, "--json"),
             "homeclust plan": homeclust_argv(inventory, "plan", "--only", STEPS, "--json"),
@@ -349,16 +359,12 @@ def small_cluster(directory: Path, report: Report, *, ansible: bool) -> dict[str
 
 
 def big_cluster(directory: Path, report: Report) -> dict[str, float]:
-    print("\n== 1 master + 32 workers", flush=True)
-    lab = Lab(bench_inventory("hcbench32", 32, directory), progress=lambda m: None)
-    lab.down()
-    lab.up()
+    lab = fresh_lab("hcbench32", 32, directory)
     figures: dict[str, float] = {}
     try:
         inventory = converge(lab, report, "1+32")
         expected = directory / "floor32-expected.json"
-        subprocess.run([sys.executable, "-m", "homeclust.benchfloor", str(inventory),
-                        str(expected), "--record", "--forks", "32"], check=True, cwd=REPO)
+        record_floor(inventory, expected, 32)
         contenders = {
             "homeclust up": homeclust_argv(inventory, "up", "--only", STEPS, "--json"),
             "homeclust plan": homeclust_argv(inventory, "plan", "--only", STEPS, "--json"),

@@ -97,6 +97,14 @@ def _unit_name(unit: str) -> str:
     return unit if "." in unit else f"{unit}.service"
 
 
+def _touched(changes: Sequence[Change]) -> tuple[list[str], list[str]]:
+    """The files and units the guarded changes touch; a file's backup is named by its
+    index in this order (``$HC_TXN/backup/fileN``, ``fileN.absent``)."""
+    paths = sorted({c.path for c in changes if isinstance(c, FileChange)})
+    units = sorted({_unit_name(c.unit) for c in changes if isinstance(c, ServiceChange)})
+    return paths, units
+
+
 def rollback_script(txn_id: str, changes: Sequence[Change], guard: Guard) -> str:
     """``rollback.sh``: undo the guarded changes, check that it worked, say so.
 
@@ -105,8 +113,7 @@ def rollback_script(txn_id: str, changes: Sequence[Change], guard: Guard) -> str
     enablement only) or ``late`` (at boot, once the system is up: the live part).
     """
     q_txn = shlex.quote(txn_dir(txn_id))
-    paths = sorted({c.path for c in changes if isinstance(c, FileChange)})
-    units = sorted({_unit_name(c.unit) for c in changes if isinstance(c, ServiceChange)})
+    paths, units = _touched(changes)
     file_lines = []
     for index, path in enumerate(paths):
         q_path = shlex.quote(path)
@@ -268,8 +275,7 @@ def arm_script(txn_id: str, changes: Sequence[Change], guard: Guard, *,
     ``redact``: the form written to the run log (secret file contents left out).
     """
     q_txn = shlex.quote(txn_dir(txn_id))
-    paths = sorted({c.path for c in changes if isinstance(c, FileChange)})
-    units = sorted({_unit_name(c.unit) for c in changes if isinstance(c, ServiceChange)})
+    paths, units = _touched(changes)
     backups = []
     for index, path in enumerate(paths):
         q_path = shlex.quote(path)

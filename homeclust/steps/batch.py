@@ -30,7 +30,7 @@ from homeclust.changes import Change, CommandChange, FileChange, PackagesChange,
 from homeclust.facts import Fact, HostFacts
 from homeclust.inventory import Inventory, Node, UserSpec
 from homeclust.platforms import Platform, SchedulerKind, all_scheduler_packages
-from homeclust.steps.base import PlanContext, file_change, missing_packages
+from homeclust.steps.base import CheckItem, PlanContext, file_change, missing_packages
 
 MUNGE_KEY = "/etc/munge/munge.key"
 MUNGE_UNIT = "munge.service"
@@ -112,6 +112,24 @@ def cluster_user(inventory: Inventory) -> UserSpec | None:
 
 
 # --------------------------------------------------------------------------- packages
+
+
+def job_readiness(ctx: PlanContext, kind: SchedulerKind, unavailable: list[str]
+                  ) -> list[CheckItem]:
+    """The master's "job" check when no test job can be submitted: no cluster user to run
+    it as (a warning), or compute nodes the scheduler does not offer (a failure)."""
+    if not ctx.node.is_master:
+        return []
+    if cluster_user(ctx.inventory) is None:
+        return [CheckItem(ctx.node.name, f"{kind} job", "warn",
+                          "no [[users]] in the inventory: no test job submitted",
+                          "add a cluster user ([[users]] name = ...) so check can run a job "
+                          "as it")]
+    if unavailable:
+        return [CheckItem(ctx.node.name, f"{kind} job", "fail",
+                          "not submitted: not every compute node is available ("
+                          + ", ".join(unavailable) + ")", f"see the {kind} node checks")]
+    return []
 
 
 def worker_packages(kind: SchedulerKind, platform: Platform) -> tuple[str, ...]:

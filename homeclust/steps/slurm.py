@@ -48,6 +48,7 @@ from homeclust.steps.batch import (
     compute_nodes,
     facts_of,
     is_container,
+    job_readiness,
     keep_running,
     munge_changes,
     package_changes,
@@ -285,17 +286,7 @@ class SlurmStep(Step):
 
     def posture(self, ctx: PlanContext) -> list[CheckItem]:
         node = ctx.node
-        items = []
-        if node.is_master and cluster_user(ctx.inventory) is None:
-            items.append(CheckItem(
-                node.name, "slurm job", "warn",
-                "no [[users]] in the inventory: no test job submitted",
-                "add a cluster user ([[users]] name = ...) so check can run a job as it"))
-        elif node.is_master and _unavailable(ctx):
-            items.append(CheckItem(
-                node.name, "slurm job", "fail",
-                "not submitted: not every compute node is available ("
-                + ", ".join(_unavailable(ctx)) + ")", "see the slurm node checks"))
+        items = job_readiness(ctx, "slurm", _unavailable(ctx) if node.is_master else [])
         if not node.compute:
             return items
         fix = f"homeclust up --only slurm --host {node.name}"

@@ -56,6 +56,7 @@ from homeclust.steps.batch import (
     SCHEDULER_PACKAGE_NAMES,
     cluster_user,
     compute_nodes,
+    job_readiness,
     keep_running,
     munge_changes,
     package_changes,
@@ -252,17 +253,7 @@ class TorqueStep(Step):
 
     def posture(self, ctx: PlanContext) -> list[CheckItem]:
         node = ctx.node
-        items = []
-        if node.is_master and cluster_user(ctx.inventory) is None:
-            items.append(CheckItem(
-                node.name, "torque job", "warn",
-                "no [[users]] in the inventory: no test job submitted",
-                "add a cluster user ([[users]] name = ...) so check can run a job as it"))
-        elif node.is_master and _unavailable(ctx):
-            items.append(CheckItem(
-                node.name, "torque job", "fail",
-                "not submitted: not every compute node is free ("
-                + ", ".join(_unavailable(ctx)) + ")", "see the torque node checks"))
+        items = job_readiness(ctx, "torque", _unavailable(ctx) if node.is_master else [])
         if not node.compute:
             return items
         state = ctx.facts.get(TORQUE_NODES).get(node.name)
