@@ -21,7 +21,7 @@ from invoke.context import Context
 from invoke.exceptions import Exit
 from invoke.tasks import Task, task
 
-from homeclust import api
+from homeclust import DEFAULT_FORKS, api
 from homeclust.errors import HomeclustError
 from homeclust.steps import REGISTRY
 
@@ -56,7 +56,8 @@ def _execute(command: api.Command, inventory: str, **options: Any) -> None:
 
 @task(help=_help("host", "only", "skip", "inventory", "dry_run", "forks"))
 def up(c: Context, host: str = "", only: str = "", skip: str = "",
-       inventory: str = DEFAULT_INVENTORY, dry_run: bool = False, forks: int = 10) -> None:
+       inventory: str = DEFAULT_INVENTORY, dry_run: bool = False,
+       forks: int = DEFAULT_FORKS) -> None:
     """Bring the cluster to the state the inventory describes."""
     _execute("up", inventory, hosts=_split(host), only=_split(only), skip=_split(skip),
              dry_run=dry_run, diff=dry_run, forks=forks)

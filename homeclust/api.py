@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from homeclust import DEFAULT_FORKS
 from homeclust.errors import HostKeyChangedError, UsageError
 from homeclust.facts import summarize
 from homeclust.inventory import Inventory, Node, load_inventory
@@ -37,7 +38,7 @@ class Options:
     only: Sequence[str] = ()
     skip: Sequence[str] = ()
     hosts: Sequence[str] = ()
-    forks: int = 10
+    forks: int = DEFAULT_FORKS
     dry_run: bool = False
     diff: bool = False
     json: bool = False

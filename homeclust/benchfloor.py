@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inventory", type=Path)
     parser.add_argument("expected", type=Path)
     parser.add_argument("--record", action="store_true", help="write what the hosts say now")
-    parser.add_argument("--forks", type=int, default=10)
+    parser.add_argument("--forks", type=int, default=16)
     options = parser.parse_args(argv)
     hosts = connections(options.inventory)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from homeclust import __version__
+from homeclust import DEFAULT_FORKS, __version__
 from homeclust.errors import HomeclustError
 from homeclust.inventory import DEFAULT_INVENTORY, inventory_summary, load_inventory
 from homeclust.steps import step_names
@@ -57,7 +57,8 @@ def _skip_option(f: Any) -> Any:
 
 
 def _forks_option(f: Any) -> Any:
-    return click.option("--forks", default=10, show_default=True, type=click.IntRange(1, 256),
+    return click.option("--forks", default=DEFAULT_FORKS, show_default=True,
+                        type=click.IntRange(1, 256),
                         help="Workers handled in parallel.")(f)
 
 

@@ -16,6 +16,7 @@ files answers as fast, and with as few bytes, as a minimal one.
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 import shlex
 from collections.abc import Callable, Iterable, Mapping
@@ -69,6 +70,7 @@ class FactQuery:
     packages: frozenset[str] = frozenset()
     sysctls: frozenset[str] = frozenset()
     netfilter: bool = False
+    virtualization: bool = False  # systemd-detect-virt (a process: only when a step asks)
     extra: tuple[Fact[Any], ...] = ()
 
     def __post_init__(self) -> None:
@@ -100,6 +102,7 @@ class FactQuery:
             packages=self.packages | other.packages,
             sysctls=self.sysctls | other.sysctls,
             netfilter=self.netfilter or other.netfilter,
+            virtualization=self.virtualization or other.virtualization,
             extra=tuple(extra[name] for name in sorted(extra)),
         )
 
@@ -305,27 +308,28 @@ sec() {{ printf '\\n{MARKER} %s\\n' "$1"; }}
 {TXN_STATE_SH}sec os-release
 while IFS= read -r line; do printf '%s\\n' "$line"; done < /etc/os-release 2>/dev/null
 sec hostname; cat /proc/sys/kernel/hostname
-sec virt; systemd-detect-virt 2>/dev/null || true
 sec ssh-connection; printf '%s\\n' "${{1:-}}"
 sec links; ip -o link show 2>/dev/null
-sec addresses; ip -o -4 addr show 2>/dev/null
-sec addresses6; ip -o -6 addr show 2>/dev/null
+sec addresses; ip -o addr show 2>/dev/null
 sec ipv6; [ -e /proc/net/if_inet6 ] && echo yes || echo no
 sec routes; ip -4 route show table main 2>/dev/null
 sec commands
 for c in {command_words}; do command -v "$c" >/dev/null 2>&1 && printf '%s\\n' "$c"; done
 sec transactions
-now=$(date +%s)
+now=
 for t in {TXN_DIR}/*/; do
   [ -d "$t" ] || continue
   t=${{t%/}}
+  now=${{now:-$(date +%s)}}
   printf '%s\\t%s\\t%s\\t%s\\n' "${{t##*/}}" "$(hc_txn_state "$t")" \\
     "$(cat "$t/deadline" 2>/dev/null)" "$now"
 done
 """]
+    if query.virtualization:
+        parts.append("sec virt; systemd-detect-virt 2>/dev/null || true\n")
     if query.netfilter:
+        # The backend (nf_tables or legacy) is in iptables-save's own header line.
         parts.append("""\
-sec iptables-version; iptables --version 2>/dev/null
 sec iptables-save; iptables-save 2>/dev/null
 sec ip6tables-save; ip6tables-save 2>/dev/null
 """)
@@ -361,7 +365,9 @@ systemctl show --no-pager -p Names -p LoadState -p UnitFileState -p ActiveState 
     if query.paths or query.secret_paths:
         words = " ".join(sorted(query.paths | query.secret_paths))
         secret = "|".join(sorted(query.secret_paths)) or "/nonexistent/homeclust-no-secrets"
-        # One stat and one sha256sum for all files; only the contents cost a process each.
+        # One stat for every file and one cat | base64 for every small non-secret one: a
+        # header line per file, then "+SIZE" (its content is in the B line), its own base64
+        # (secret files: the log redacts that line) or "-" with a checksum (too big).
         parts.append(f"""\
 sec files
 set --
@@ -371,19 +377,25 @@ for f in {words}; do
   set -- "$@" "$f"
 done
 if [ $# -gt 0 ]; then
-  # Both print in argument order: the n-th checksum belongs to the n-th stat line.
-  sums=$(sha256sum -- "$@" | cut -c1-64)
   tab=$(printf '\\t')
-  stat --printf '%n\\t%a\\t%U\\t%G\\t%s\\n' -- "$@" | {{
-    set -- $sums
-    while IFS="$tab" read -r f mode owner group size; do
-      sum=${{1:-}}; [ $# -gt 0 ] && shift
-      case "$f" in {secret}) kind=S;; *) kind=F;; esac
-      printf '%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n' "$kind" "$f" "$mode" "$owner" "$group" "$sum"
-      if [ "$size" -le {MAX_FILE_CONTENT} ]; then base64 -w0 < "$f"; else printf -- -; fi
-      printf '\\n'
-    done
-  }}
+  stats=$(stat --printf '%n\\t%a\\t%U\\t%G\\t%s\\n' -- "$@")
+  small=
+  while IFS="$tab" read -r f mode owner group size; do
+    case "$f" in {secret}) kind=S;; *) kind=F;; esac
+    if [ "$size" -gt {MAX_FILE_CONTENT} ]; then
+      printf '%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n-\\n' "$kind" "$f" "$mode" "$owner" "$group" \\
+        "$(sha256sum < "$f" | cut -c1-64)"
+    elif [ $kind = S ]; then
+      printf 'S\\t%s\\t%s\\t%s\\t%s\\t\\n' "$f" "$mode" "$owner" "$group"
+      base64 -w0 < "$f"; printf '\\n'
+    else
+      printf 'F\\t%s\\t%s\\t%s\\t%s\\t\\n+%s\\n' "$f" "$mode" "$owner" "$group" "$size"
+      small="$small $f"
+    fi
+  done <<HOMECLUST_STATS_EOF
+$stats
+HOMECLUST_STATS_EOF
+  if [ -n "$small" ]; then printf 'B\\t'; cat $small | base64 -w0; printf '\\n'; fi
 fi
 """)
     for fact in query.extra:
@@ -434,17 +446,20 @@ def parse_facts(output: str, query: FactQuery | None = None) -> HostFacts:
     os_release = parse_os_release(sections.get("os-release", ""))
     links = parse_links(sections.get("links", ""))
     addresses = parse_addresses(sections.get("addresses", ""))
-    addresses6 = parse_addresses6(sections.get("addresses6", ""))
+    # One `ip -o addr show` has both families (older outputs had a section each).
+    addresses6 = parse_addresses6(sections.get("addresses6") or sections.get("addresses", ""))
     interfaces = {
         name: Interface(name, mac, up, tuple(addresses.get(name, ())),
                         tuple(addresses6.get(name, ())))
         for name, (mac, up) in links.items()
     }
-    backend, _ = parse_iptables_version(sections.get("iptables-version", ""))
+    backend, _ = parse_iptables_version(sections.get("iptables-version")
+                                        or sections.get("iptables-save", ""))
     return HostFacts(
         os=os_release,
         hostname=sections.get("hostname", "").strip(),
-        virtualization=parse_virt(sections.get("virt", "")),
+        # Asked only when a step needs it (FactQuery.virtualization).
+        virtualization=parse_virt(sections["virt"]) if "virt" in sections else "unknown",
         interfaces=interfaces,
         routes=parse_routes(sections.get("routes", "")),
         iptables_backend=backend,
@@ -574,7 +589,8 @@ def parse_routes(text: str) -> tuple[Route, ...]:
 
 
 def parse_iptables_version(text: str) -> tuple[str | None, str | None]:
-    match = re.search(r"iptables v([\d.]+)(?:\s+\((\w+)\))?", text)
+    # `iptables --version`, or the header line iptables-save prints.
+    match = re.search(r"iptables(?:-save)? v([\d.]+)(?:\s+\((\w+)\))?", text)
     if not match:
         return None, None
     return match.group(2) or "legacy", match.group(1)
@@ -687,22 +703,45 @@ def parse_transactions(text: str) -> tuple[Transaction, ...]:
 
 
 def parse_files(text: str) -> dict[str, FileFact]:
-    """File records: a header line then a content line (base64, or ``-`` when too big)."""
+    """File records: a header line (kind, path, mode, owner, group, sha256) and a content
+    line: base64, ``-`` (too big: the header carries its checksum) or ``+SIZE`` (the
+    content is in the ``B`` line: every such file back to back, in header order).  A
+    header without a checksum gets its content's."""
     files: dict[str, FileFact] = {}
+    in_blob: list[tuple[list[str], int]] = []
+    blob = b""
     lines = text.split("\n")
     for i, line in enumerate(lines):
+        if line.startswith("B\t"):
+            blob = base64.b64decode(line[2:])
+            continue
         if not line.startswith(("F\t", "S\t")):
             continue
         parts = line.split("\t")
         if len(parts) != 6:
             raise FactError(f"cannot parse file fact line: {line!r}")
-        kind, path, mode, owner, group, digest = parts
         # The script prints a content line after every header; only an empty file's
         # (empty) line can be missing, when it is the last one and the section was stripped.
         encoded = lines[i + 1] if i + 1 < len(lines) else ""
+        if encoded.startswith("+"):
+            in_blob.append((parts, int(encoded[1:])))
+            continue
         content = None if encoded == "-" else base64.b64decode(encoded)
-        files[path] = FileFact(path, int(mode, 8), owner, group, digest, content, kind == "S")
+        files[parts[1]] = _file_fact(parts, content)
+    if sum(size for _, size in in_blob) != len(blob):
+        raise FactError("a managed file changed while the facts were read; run again")
+    offset = 0
+    for parts, size in in_blob:
+        files[parts[1]] = _file_fact(parts, blob[offset:offset + size])
+        offset += size
     return files
+
+
+def _file_fact(header: list[str], content: bytes | None) -> FileFact:
+    kind, path, mode, owner, group, digest = header
+    if not digest and content is not None:
+        digest = hashlib.sha256(content).hexdigest()
+    return FileFact(path, int(mode, 8), owner, group, digest, content, kind == "S")
 
 
 REDACTED = "<secret: not logged>"

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-from homeclust import api
+from homeclust import DEFAULT_FORKS, api
 from homeclust.errors import HomeclustError, UsageError
 from homeclust.output import LineReporter, QuietReporter
 from homeclust.platforms import Platform, platform_of
@@ -168,7 +168,8 @@ def evaluate(host: str, exit_code: int, output: str) -> PushResult:
     return PushResult(host, "installed", name, version, version)
 
 
-def push_package(inventory_path: str | Path, file: Path, hosts: Sequence[str], *, forks: int = 10,
+def push_package(inventory_path: str | Path, file: Path, hosts: Sequence[str], *,
+                 forks: int = DEFAULT_FORKS,
                  as_json: bool = False, connector: Connector | None = None
                  ) -> list[PushResult]:
     """Copy and install ``file`` on ``hosts``; UsageError (nothing copied) on bad input."""

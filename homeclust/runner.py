@@ -43,7 +43,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from homeclust import safety
+from homeclust import DEFAULT_FORKS, safety
 from homeclust.changes import Change, CommandChange, FileChange, parse_batch_output, render_batch
 from homeclust.errors import FactError, HomeclustError, Interrupted, RolledBackError, StepError
 from homeclust.facts import FactQuery, HostFacts, Transaction, gather_script, parse_facts, redact_facts_output
@@ -64,6 +64,7 @@ Mode = Literal["apply", "plan", "check", "facts"]
 StepStatus = Literal["unchanged", "changed", "pending", "failed", "rolled-back", "skipped"]
 
 LOCK_PATH = "/run/homeclust.lock"
+
 FACTS_TIMEOUT = 120.0
 #: Seconds to wait for our own previous lock session to go away after a reconnect.
 RELOCK_WAIT = 30.0
@@ -182,7 +183,7 @@ class Runner:
         connector: Connector,
         reporter: Reporter | None = None,
         runlog: RunLog | None = None,
-        forks: int = 10,
+        forks: int = DEFAULT_FORKS,
         sleep: Callable[[float], None] = time.sleep,
         requested: frozenset[str] = frozenset(),
     ) -> None:
@@ -197,7 +198,10 @@ class Runner:
         self.facts: dict[str, HostFacts] = {}
         self.run_id = uuid.uuid4().hex[:12]
         self._facts_lock = threading.Lock()
-        self._query = fact_query(inventory, self.steps)
+        # Each host is asked only what the steps that target it manage (nat's sysctls
+        # on the master, not on every worker).
+        self._queries = {node.name: fact_query(inventory, self.steps_for(node))
+                         for node in inventory.nodes}
         self._lock: LockHandle | None = None
         self._lock_ready = threading.Event()  # the master's lock was taken (or failed)
         self._lock_lost: str | None = None
@@ -235,14 +239,15 @@ class Runner:
         return result
 
     def gather(self, host: Host, *, interruptible: bool = True) -> HostFacts:
-        result = self.run_script(host, "facts", gather_script(self._query), FACTS_TIMEOUT,
+        query = self._queries[host.node.name]
+        result = self.run_script(host, "facts", gather_script(query), FACTS_TIMEOUT,
                                  interruptible=interruptible)
         if result.exit_code != 0:
             raise FactError(
                 f"{host.node.name}: the facts script failed (exit {result.exit_code}): "
                 f"{result.stderr.strip() or result.stdout.strip()[-500:]}"
             )
-        facts = parse_facts(result.stdout, self._query)
+        facts = parse_facts(result.stdout, query)
         platform_of(facts)  # unsupported systems fail here, before any step plans
         with self._facts_lock:
             self.facts[host.node.name] = facts

@@ -216,6 +216,7 @@ class SlurmStep(Step):
             secret_paths=frozenset({MUNGE_KEY}),
             units=frozenset({MUNGE_UNIT, SLURMCTLD, SLURMD}),
             packages=SCHEDULER_PACKAGE_NAMES,
+            virtualization=True,  # proctrack: cgroups on real hardware, not in containers
             extra=(NODE_SIZE, SLURM_NODES, SLURM_DIRS, SLURM_ACCOUNT),
         )
 

@@ -664,3 +664,25 @@ def test_firewall_persistence_per_platform(name: str, packages: tuple[str, ...],
     assert platform.firewall_service == service
     assert platform.conflicting_firewall_services == conflicts
     assert (platform.firewall_preseed is not None) == (platform.family == "debian")
+
+
+def test_small_files_travel_in_one_blob_and_a_file_changed_meanwhile_is_an_error() -> None:
+    """The script sends every small file's content in one base64 line (one process for
+    all of them); the stat sizes split it.  Sizes that do not add up mean a file changed
+    between stat and cat: an error, never a mix of two versions."""
+    import base64 as b64
+
+    files = ("F\t/etc/a\t644\troot\troot\t\n+3\n"
+             "F\t/etc/b\t600\troot\troot\t\n+0\n"
+             "F\t/etc/c\t644\troot\troot\t\n+4\n"
+             f"B\t{b64.b64encode(b'abcdefg').decode()}\n")
+    facts = parse_facts(build(os_release=os_release("debian", "12")).replace(
+        "@@homeclust-fact@@ files\n", "@@homeclust-fact@@ files\n" + files))
+    assert facts.files["/etc/a"].content == b"abc" and facts.files["/etc/b"].content == b""
+    assert facts.files["/etc/c"].content == b"defg"
+    assert facts.files["/etc/c"].sha256 == hashlib.sha256(b"defg").hexdigest()
+    assert facts.files["/etc/b"].mode == 0o600
+    changed = files.replace("+4", "+5")
+    with pytest.raises(FactError, match="changed while the facts were read"):
+        parse_facts(build(os_release=os_release("debian", "12")).replace(
+            "@@homeclust-fact@@ files\n", "@@homeclust-fact@@ files\n" + changed))
