@@ -428,13 +428,15 @@ def memory_growth(inventory: Path) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="only the 1+3 cluster")
+    parser.add_argument("--big", action="store_true", help="only the 1+32 cluster")
     parser.add_argument("--no-ansible", action="store_true", help="skip the Ansible baseline")
     options = parser.parse_args(argv)
     directory = Path(tempfile.mkdtemp(prefix="hcbench-"))
     report = Report()
     started = time.monotonic()
     try:
-        small = small_cluster(directory, report, ansible=not options.no_ansible)
+        small = {} if options.big else small_cluster(directory, report,
+                                                     ansible=not options.no_ansible)
         big = {} if options.quick else big_cluster(directory, report)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
