@@ -8,6 +8,6 @@ __version__ = "0.1.0"
 
 #: Workers handled at once (``--forks``).  Every worker rides on the one master
 #: connection, so this bounds the admin process's own work, not SSH sessions; chosen
-#: from scripts/bench on 1 master + 32 workers, no-op `up`: 4 forks 3.2 s, 8: 2.5 s,
-#: 16: 2.3 s, 32: 2.4 s.
+#: from scripts/bench on 1 master + 32 workers, no-op `up`: 4 forks 2.7 s, 8: 2.1 s,
+#: 16: 1.85 s, 32: 1.9 s.
 DEFAULT_FORKS = 16
