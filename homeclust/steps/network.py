@@ -138,7 +138,8 @@ class NetworkStep(Step):
             return StepPlan(self.name, node.name, tuple(changes), rendered.warnings)
         backend = platform.network_backend
         guarded: list[Change] = [
-            CommandChange(f"take down {', '.join(reapply)} with the configuration it runs now",
+            CommandChange(f"take down {', '.join(reapply)} with the configuration "
+                          f"{'it runs' if len(reapply) == 1 else 'they run'} now",
                           takedown_command(backend, reapply)),
             *(c for path, c in config_changes.items() if path in live_files),
             CommandChange(f"bring up {', '.join(reapply)} ({'; '.join(reasons)})",
