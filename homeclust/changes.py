@@ -54,7 +54,7 @@ class FileChange:
         if self.secret:
             what = ("will be removed" if self.content is None else
                     "will be created" if self.old is None and not self.reason else
-                    f"differs{f' ({self.reason})' if self.reason else ''}")
+                    f"differ{f' ({self.reason})' if self.reason else ''}")
             return f"--- {self.path}\n+++ {self.path}\n# contents {what} (secret: not shown)\n"
         old = (self.old or "").splitlines(keepends=True)
         new = (self.content or "").splitlines(keepends=True)

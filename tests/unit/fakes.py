@@ -25,9 +25,9 @@ from homeclust.transport import CommandResult
 OS_RELEASE = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n'
 
 
-def facts_output(hostname: str, files: dict[str, str]) -> str:
+def facts_output(hostname: str, files: dict[str, str], transactions: str = "") -> str:
     parts = [f"\n{MARKER} os-release\n{OS_RELEASE}", f"\n{MARKER} hostname\n{hostname}\n",
-             f"\n{MARKER} files\n"]
+             f"\n{MARKER} transactions\n{transactions}", f"\n{MARKER} files\n"]
     for path, content in sorted(files.items()):
         encoded = base64.b64encode(content.encode()).decode()
         parts.append(f"F\t{path}\t644\troot\troot\t{'0' * 64}\n{encoded}\n")
@@ -48,6 +48,8 @@ class FakeCluster:
     """State of every fake host: its files, and knobs to make things go wrong."""
 
     files: dict[str, dict[str, str]] = field(default_factory=dict)
+    #: host -> lines of the facts' transactions section (guarded changes left on it)
+    transactions: dict[str, str] = field(default_factory=dict)
     unreachable: set[str] = field(default_factory=set)
     failing_commands: set[tuple[str, str]] = field(default_factory=set)  # (host, marker text)
     ignore_apply: set[str] = field(default_factory=set)  # hosts that "apply" but change nothing
@@ -75,7 +77,9 @@ class FakeHost:
         try:
             if purpose == "facts":
                 files = self.cluster.files.setdefault(self.node.name, {})
-                return CommandResult(0, facts_output(self.node.name, files), "", 0.0)
+                return CommandResult(0, facts_output(
+                    self.node.name, files, self.cluster.transactions.get(self.node.name, "")),
+                    "", 0.0)
             if purpose.startswith("apply:"):
                 if self.cluster.apply_hook:
                     self.cluster.apply_hook(self.node.name)

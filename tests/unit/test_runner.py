@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,8 @@ from homeclust.errors import StepError
 from homeclust.inventory import Inventory, parse_inventory
 from homeclust.runner import Runner
 from homeclust.steps.base import PlanContext, StepPlan
-from tests.unit.fakes import FakeCluster, FakeConnector, TouchStep
+from homeclust.transport import CommandResult
+from tests.unit.fakes import Call, FakeCluster, FakeConnector, FakeHost, TouchStep
 
 
 def inventory(workers: int = 3) -> Inventory:
@@ -267,3 +269,60 @@ def test_steps_named_with_only_are_told_so_in_up_and_plan_but_never_in_check() -
         getattr(run, mode)()
         expected = frozenset() if mode == "check" else frozenset({"alpha"})
         assert step.seen and set(step.seen) == {expected}, mode
+
+
+# --------------------------------------------------------------------------- left-over transactions
+
+CONVERGED = {h: {"/etc/alpha.done": "", "/etc/beta.done": ""}
+             for h in ("master", "worker1", "worker2", "worker3")}
+
+
+def test_plan_and_check_never_call_a_host_with_a_pending_rollback_in_sync() -> None:
+    """Hole 5: an interrupted run's armed change will still change the host when its
+    timer fires; until then the host is not in sync, and plan/check say so."""
+    cluster = FakeCluster(files=CONVERGED, transactions={
+        "worker2": "beta-20261126061500-ab12cd\tarmed\t1795673800\t1795673788\n"})
+    planned = runner(cluster).plan()
+    outcome = planned.outcome("worker2", "beta")
+    assert outcome is not None and outcome.status == "pending"
+    assert "rolls it back by itself in 12 s" in outcome.changes[0]
+    assert planned.exit_code() == 3
+    assert any(host == "worker2" and "interrupted run" in text
+               for host, text in planned.notices)
+    checked = runner(cluster).check()
+    assert {(c.host, c.name): c.status for c in checked.checks}[("worker2", "beta in sync")] \
+        == "fail"
+    assert set(cluster.purposes()) == {"facts"}  # read-only: nothing was resolved
+
+
+def test_up_resolves_what_an_interrupted_run_left_before_planning() -> None:
+    cluster = FakeCluster(files=CONVERGED, transactions={
+        "worker2": "beta-20261126061500-ab12cd\tarmed\t1795673800\t1795673788\n",
+        "worker3": "alpha-20261126061000-ef34ab\trolledback\t\t1795673788\n"})
+
+    original = FakeHost.run
+
+    def answer(self: FakeHost, script: str, *, timeout: float | None = None,
+               interruptible: bool = True) -> CommandResult:
+        purpose = script.splitlines()[0].removeprefix("# homeclust:")
+        if purpose == "txn-status":
+            with cluster._lock:
+                cluster.calls.append(Call(self.node.name, purpose, time.monotonic()))
+            return CommandResult(0, "rolledback\n", "", 0.0)
+        if purpose in ("rollback", "txn-archive"):
+            with cluster._lock:
+                cluster.calls.append(Call(self.node.name, purpose, time.monotonic()))
+                cluster.transactions.pop(self.node.name, None)
+            return CommandResult(0, "started\n", "", 0.0)
+        return original(self, script, timeout=timeout, interruptible=interruptible)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FakeHost, "run", answer)
+        result = runner(cluster).apply()
+    assert result.exit_code() == 0, result
+    assert cluster.purposes("worker2")[:4] == ["facts", "rollback", "txn-status", "txn-archive"]
+    assert cluster.purposes("worker3")[:2] == ["facts", "txn-archive"]
+    notices = dict(result.notices)
+    assert "rolled back the unconfirmed change beta-" in notices["worker2"]
+    assert "was not confirmed and was rolled back" in notices["worker3"]
+    assert {o.status for o in result.outcomes} == {"unchanged"}
