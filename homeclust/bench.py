@@ -385,6 +385,10 @@ def big_cluster(directory: Path, report: Report) -> dict[str, float]:
                       f"1+32 no-op up within 1.3x of the floor ({up.median / floor.median:.2f}x)")
         report.target(samples["homeclust plan"].median <= 1.3 * floor.median,
                       "1+32 plan within 1.3x of the floor")
+        check = samples["homeclust check"]
+        report.target(check.ok and check.median <= 1.3 * floor.median + 1.5,
+                      f"1+32 check within 1.3x of the floor plus 1.5 s of probes "
+                      f"({check.median:.2f} s)")
         figures["rss"] = up.peak_mb
 
         forks = measure_turns({f"forks {n}": homeclust_argv(
