@@ -624,12 +624,14 @@ def test_apt_install_retries_once_after_updating_the_lists(tmp_path: Path) -> No
     assert "iptables iptables-persistent" in command  # sorted, no duplicates
     log = tmp_path / "apt.log"
     fake = (
-        f"dpkg() {{ echo \"$DEBIAN_FRONTEND dpkg $*\" >> {log}; }}\n"
-        f"apt-get() {{ echo \"$DEBIAN_FRONTEND $*\" >> {log};"
+        f"dpkg() {{ echo \"${{DEBIAN_FRONTEND:-unset}} dpkg $*\" >> {log}; }}\n"
+        f"apt-get() {{ echo \"${{DEBIAN_FRONTEND:-unset}} $*\" >> {log};"
         f" [ \"$1\" = update ] && touch {tmp_path}/updated && return 0;"
         f" [ -e {tmp_path}/updated ]; }}\n"
     )
-    subprocess.run(["/bin/bash", "-c", fake + command], check=True, timeout=10)
+    # A clean environment: what the caller's shell exports must not change the outcome.
+    subprocess.run(["/bin/bash", "-c", fake + command], check=True, timeout=10,
+                   env={"PATH": "/usr/bin:/bin"})
     calls = log.read_text().splitlines()
     # An interrupted earlier install is finished first, then install, update, install.
     assert calls[0] == "noninteractive dpkg --configure -a --force-confdef --force-confold"
