@@ -64,7 +64,7 @@ def user_hostfile(home: str) -> str:
 class MpiStep(Step):
     name = "mpi"
     summary = "Open MPI on every node, pinned to the private network, default hostfile"
-    depends_on = ("ssh-keys",)
+    depends_on = ("repo", "ssh-keys")  # worker packages come from the repo
 
     def fact_query(self, inventory: Inventory) -> FactQuery:
         paths = {f"{d}/{f}" for d in SYSCONF_GLOBS for f in (MCA_FILE, DEFAULT_HOSTFILE)}

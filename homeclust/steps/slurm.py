@@ -205,7 +205,7 @@ def desired_config(ctx: PlanContext) -> tuple[SlurmConfig, list[str]]:
 class SlurmStep(Step):
     name = "slurm"
     summary = "Slurm: munge, slurm.conf, slurmctld on the master, slurmd on compute nodes"
-    depends_on = ("network", "nat", "ssh-keys")
+    depends_on = ("network", "nat", "repo", "ssh-keys")
 
     def enabled(self, inventory: Inventory) -> bool:
         return inventory.scheduler.kind == "slurm"

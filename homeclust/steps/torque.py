@@ -166,7 +166,7 @@ def qmgr_script(commands: list[str]) -> str:
 class TorqueStep(Step):
     name = "torque"
     summary = "Torque/PBS: pbs_server and pbs_sched on the master, pbs_mom on compute nodes"
-    depends_on = ("network", "nat", "ssh-keys")
+    depends_on = ("network", "nat", "repo", "ssh-keys")
 
     def enabled(self, inventory: Inventory) -> bool:
         return inventory.scheduler.kind == "torque"
