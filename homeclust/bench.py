@@ -292,10 +292,18 @@ def fresh_lab(name: str, workers: int, directory: Path) -> Lab:
     return lab
 
 
-def record_floor(inventory: Path, expected: Path, forks: int) -> None:
-    """What the floor script compares with: the converged cluster's answers."""
-    subprocess.run([sys.executable, "-m", "homeclust.benchfloor", str(inventory),
-                    str(expected), "--record", "--forks", str(forks)], check=True, cwd=REPO)
+def noop_contenders(inventory: Path, expected: Path, forks: int) -> dict[str, list[str]]:
+    """homeclust's no-op up, plan and check, and the floor (its expected answers recorded
+    now, from the converged cluster)."""
+    floor = [sys.executable, "-m", "homeclust.benchfloor", str(inventory), str(expected),
+             "--forks", str(forks)]
+    subprocess.run([*floor, "--record"], check=True, cwd=REPO)
+    return {
+        "homeclust up": homeclust_argv(inventory, "up", "--only", STEPS, "--json"),
+        "homeclust plan": homeclust_argv(inventory, "plan", "--only", STEPS, "--json"),
+        "homeclust check": homeclust_argv(inventory, "check", "--only", STEPS, "--json"),
+        "floor": floor,
+    }
 
 
 def small_cluster(directory: Path, report: Report, *, ansible: bool) -> dict[str, float]:
@@ -303,15 +311,7 @@ def small_cluster(directory: Path, report: Report, *, ansible: bool) -> dict[str
     figures: dict[str, float] = {}
     try:
         inventory = converge(lab, report, "1+3")
-        expected = directory / "floor-expected.json"
-        record_floor(inventory, expected, 10)
-        contenders = {
-            "homeclust up": homeclust_argv(inventory, "up", "--only", STEPS, "--json"),
-            "homeclust plan": homeclust_argv(inventory, "plan", "--only", STEPS, "--json"),
-            "homeclust check": homeclust_argv(inventory, "check", "--only", STEPS, "--json"),
-            "floor": [sys.executable, "-m", "homeclust.benchfloor", str(inventory),
-                      str(expected)],
-        }
+        contenders = noop_contenders(inventory, directory / "floor-expected.json", 16)
         work = directory / "ansible"
         work.mkdir()
         argv = ansible_argv(lab, inventory, 4, work) if ansible else None
@@ -363,15 +363,7 @@ def big_cluster(directory: Path, report: Report) -> dict[str, float]:
     figures: dict[str, float] = {}
     try:
         inventory = converge(lab, report, "1+32")
-        expected = directory / "floor32-expected.json"
-        record_floor(inventory, expected, 32)
-        contenders = {
-            "homeclust up": homeclust_argv(inventory, "up", "--only", STEPS, "--json"),
-            "homeclust plan": homeclust_argv(inventory, "plan", "--only", STEPS, "--json"),
-            "homeclust check": homeclust_argv(inventory, "check", "--only", STEPS, "--json"),
-            "floor": [sys.executable, "-m", "homeclust.benchfloor", str(inventory),
-                      str(expected), "--forks", "32"],
-        }
+        contenders = noop_contenders(inventory, directory / "floor32-expected.json", 32)
         samples = measure_turns(contenders, check=noop_problem)
         for name, sample in samples.items():
             report.line(f"1+32: {name} (median of {len(sample.seconds)})",

@@ -216,7 +216,7 @@ def render_plain(result: RunResult, *, show_diff: bool, stream: TextIO | None = 
             elif row.warned:
                 where = f"warning on {compress_hosts(row.warned)}"
             else:
-                where = _all_or(row.passed, result.hosts)
+                where = all_or_hosts(row.passed, result.hosts)
             mark = {"pass": "✓", "fail": "✗", "warn": "!"}[row.status]
             write(f"{mark} {row.name:<{width}}  {where}")
         for line in check_details(result):
@@ -241,7 +241,7 @@ def render_plain(result: RunResult, *, show_diff: bool, stream: TextIO | None = 
         write(f"log: {result.log_path}")
 
 
-def _all_or(hosts: Sequence[str], every: Sequence[str]) -> str:
+def all_or_hosts(hosts: Sequence[str], every: Sequence[str]) -> str:
     if len(hosts) == len(every) and len(every) > 1:
         return f"all {len(every)} hosts"
     return compress_hosts(hosts)

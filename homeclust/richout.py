@@ -21,7 +21,7 @@ from rich.text import Text
 from homeclust.output import (
     PER_HOST_ROWS,
     STATUS_LABELS,
-    _all_or,
+    all_or_hosts,
     check_details,
     check_rows,
     compress_hosts,
@@ -191,6 +191,6 @@ def _check_table(result: RunResult) -> Table:
         elif row.warned:
             where = Text(f"warning on {compress_hosts(row.warned)}", style="yellow")
         else:
-            where = Text(_all_or(row.passed, result.hosts), style="green")
+            where = Text(all_or_hosts(row.passed, result.hosts), style="green")
         table.add_row(row.name, marks[row.status], where)
     return table

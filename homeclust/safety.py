@@ -599,6 +599,11 @@ class GuardedApply:
         if status.state == "applying":
             self._pause(POLL_INTERVAL)
             return Phase.AWAIT_APPLY
+        return self._follow(status)
+
+    def _follow(self, status: TxnStatus) -> Phase:
+        """Where a finished apply leads: verify it over a connection opened after it
+        finished, roll back a failed one, or find out what the host already did."""
         if status.state == "armed":
             return Phase.RECONNECT if self.fresh is None else Phase.VERIFY
         if status.state == "apply-failed":
@@ -626,13 +631,7 @@ class GuardedApply:
             self._pause(POLL_INTERVAL)
             return Phase.AWAIT_APPLY
         self.fresh = fresh
-        if status.state == "armed":
-            return Phase.VERIFY
-        if status.state == "apply-failed":
-            self.problems.append("applying failed:\n" + _tail(status.apply_log))
-            return Phase.ROLLBACK_NOW
-        self.problems.append(f"the host reports {status.state}")
-        return Phase.AWAIT_ROLLBACK
+        return self._follow(status)
 
     def _verify(self) -> Phase:
         if self.fresh is None:
