@@ -112,9 +112,11 @@ def ensure_rootfs(
     recipe = recipe or Recipe()
     target = rootfs_path(recipe, cache_root)
     if (target / RECIPE_MARKER).exists():
+        _mark_used(target)
         return target, False
     with _build_lock(cache_root):
         if (target / RECIPE_MARKER).exists():  # another process built it meanwhile
+            _mark_used(target)
             return target, False
         _remove_stale(cache_root, keep=target)
         started = time.monotonic()
@@ -129,6 +131,7 @@ def ensure_rootfs(
             _customize(recipe, tmp)
             (tmp / RECIPE_MARKER).write_text(json.dumps(asdict(recipe), indent=2) + "\n")
             tmp.rename(target)
+            _mark_used(target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -172,8 +175,26 @@ def _customize(recipe: Recipe, root: Path) -> None:
         deb.unlink()
 
 
-def _remove_stale(cache_root: Path, keep: Path) -> None:
-    """Drop interrupted builds and rootfs of older recipes that no running lab uses."""
+#: A cached rootfs that no lab has used for this long is removed by the next build.
+#: Several recipes live side by side (one per release, and the recipes of other
+#: checkouts on the same machine): removing one merely because another is built
+#: would make two checkouts rebuild each other's rootfs in turn.
+STALE_AFTER = 7 * 24 * 3600
+
+
+def _used_stamp(rootfs: Path) -> Path:
+    # Beside the rootfs, not in it: the rootfs is the read-only lower layer of running nodes.
+    return rootfs.with_name(rootfs.name + ".used")
+
+
+def _mark_used(rootfs: Path) -> None:
+    _used_stamp(rootfs).touch()
+
+
+def _remove_stale(cache_root: Path, keep: Path, now: float | None = None) -> None:
+    """Drop interrupted builds, and rootfs of other recipes that no running lab uses and
+    no lab has used for :data:`STALE_AFTER` seconds."""
+    now = time.time() if now is None else now
     in_use = "\n".join(str(p) for p in mount_points())
     mountinfo = Path("/proc/self/mountinfo").read_text()
     for entry in cache_root.iterdir():
@@ -181,4 +202,11 @@ def _remove_stale(cache_root: Path, keep: Path) -> None:
             continue
         if str(entry) in in_use or str(entry) in mountinfo:
             continue
-        shutil.rmtree(entry, ignore_errors=True)
+        # Builds hold the lock this runs under: a temporary build directory is an interrupted one.
+        interrupted = ".tmp-" in entry.name
+        stamp = _used_stamp(entry)
+        last_used = stamp.stat().st_mtime if stamp.exists() else entry.stat().st_mtime
+        if interrupted or now - last_used > STALE_AFTER:
+            shutil.rmtree(entry, ignore_errors=True)
+            stamp.unlink(missing_ok=True)
+

@@ -471,3 +471,28 @@ def test_parse_tbf_rate_from_tc_json() -> None:
     assert uplink.parse_tbf_rate('[{"kind":"noqueue","handle":"0:","root":true}]') is None
     assert uplink.parse_tbf_rate("") is None
     assert uplink.parse_tbf_rate("not json") is None
+
+
+def test_a_build_keeps_other_recipes_rootfs_that_were_used_lately(tmp_path, monkeypatch):
+    """Two checkouts (or two releases) with different recipes must not remove each other's
+    cached rootfs on every build; only interrupted builds and long-unused ones go."""
+    import os
+    import time
+
+    from homeclust.lab import rootfs
+
+    monkeypatch.setattr(rootfs, "mount_points", lambda: [])
+    keep = tmp_path / "rootfs-new"
+    recent = tmp_path / "rootfs-recent"
+    old = tmp_path / "rootfs-old"
+    interrupted = tmp_path / "rootfs-new.tmp-12345"
+    for entry in (keep, recent, old, interrupted):
+        entry.mkdir()
+    rootfs._mark_used(recent)
+    rootfs._mark_used(old)
+    long_ago = time.time() - rootfs.STALE_AFTER - 60
+    os.utime(rootfs._used_stamp(old), (long_ago, long_ago))
+    rootfs._remove_stale(tmp_path, keep=keep)
+    assert keep.exists() and recent.exists()
+    assert not old.exists() and not rootfs._used_stamp(old).exists()
+    assert not interrupted.exists()
