@@ -50,7 +50,7 @@ from homeclust.render.torque import (
 )
 from homeclust.steps.base import CheckItem, PlanContext, Probe, Step, StepPlan, file_change
 from homeclust.steps.batch import (
-    MUNGE_KEY,
+    MUNGE_KEY_FACT,
     MUNGE_UNIT,
     NODE_SIZE,
     SCHEDULER_PACKAGE_NAMES,
@@ -174,7 +174,7 @@ class TorqueStep(Step):
     def fact_query(self, inventory: Inventory) -> FactQuery:
         return FactQuery(
             paths=frozenset({SERVER_NAME_PATH, MOM_CONFIG_PATH, NODES_PATH}),
-            secret_paths=frozenset({MUNGE_KEY}),
+            account_secret_paths=MUNGE_KEY_FACT,
             units=frozenset({MUNGE_UNIT, TRQAUTHD, PBS_SERVER, PBS_SCHED, PBS_MOM}),
             packages=SCHEDULER_PACKAGE_NAMES,
             extra=(NODE_SIZE, TORQUE_SERVER, TORQUE_NODES),

@@ -301,7 +301,7 @@ DEBIAN_WORKER_FRESH = recorded("debian12-worker").but(files={
 
 def test_fresh_debian_worker_switches_to_the_master_keeping_its_sources_aside() -> None:
     result = plan(DEBIAN_WORKER_FRESH, "worker1", master=DEBIAN_MASTER)
-    master_key = DEBIAN_MASTER.files[render.PUBLIC_KEY].text
+    master_key = DEBIAN_MASTER.file_text(render.PUBLIC_KEY)
     written = files(result)
     assert written[render.WORKER_KEYRING].content == master_key
     assert written[render.APT_SOURCES].content == golden_text(
