@@ -309,3 +309,31 @@ def test_a_hostfile_linked_to_a_secret_neither_leaks_it_nor_stops_the_run(
     assert not written.is_symlink() and written.read_text() == hostfile.content
     assert written.stat().st_uid == sandbox.uid
     assert sandbox.vault_state() == before
+
+
+# --------------------------------------------------------------------------- torque's check
+
+
+def test_the_torque_check_reads_the_jobs_output_as_the_user(sandbox: Sandbox) -> None:
+    """The job's output file is the user's: root reading it back (``cat`` in /tmp, a fixed
+    name) followed a link the user put there into any file.  Here qsub is a stand-in that,
+    as the user, links the output path to the vault's secret instead of running a job;
+    runuser is emulated with setpriv so that the stand-in is found."""
+    from homeclust.steps.torque import job_probe
+
+    inv = inventory_with_account()
+    probe = job_probe(inv.master_node, ACCOUNT, ["master"])
+    fake = sandbox.vault.parent / "bin"
+    fake.mkdir()
+    (fake / "qsub").write_text(
+        "#!/bin/sh\nwhile [ $# -gt 0 ]; do [ \"$1\" = -o ] && out=$2; shift; done\n"
+        f"ln -sf {sandbox.secret} \"$out\"\n")
+    (fake / "runuser").write_text(  # runuser -u USER -- CMD..., keeping PATH
+        '#!/bin/sh\nu=$2; shift 3\n'
+        'exec setpriv --reuid="$u" --regid="$(id -g "$u")" --clear-groups -- "$@"\n')
+    for tool in ("qsub", "runuser"):
+        (fake / tool).chmod(0o755)
+    done = subprocess.run(["/bin/sh"], input=probe.script, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+    assert_never_seen(done.stdout + done.stderr)
+    assert not Path("/tmp/homeclust-check.out").is_symlink()
