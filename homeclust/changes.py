@@ -215,16 +215,21 @@ hc_root_only() {{
   done
   [ -d / ] && set -- / "$@"
   hc_last=$#
-  hc_bad=$(stat -c '%u %a %n' -- "$@" | {{
+  hc_bad=$(stat -c '%u %G %a %n' -- "$@" | {{
     i=0
-    while read -r uid mode name; do
+    while read -r uid group mode name; do
       i=$((i + 1))
       [ "$uid" = 0 ] || {{ echo "$name"; continue; }}
+      # Writable by its group: only root's group, or Debian's staff (root-equivalent by
+      # Debian's own account, for /usr/local on systems installed before bookworm).
       case $mode in
-        *[2367]?|*[2367])
-          case $mode in [1357]???) [ "$i" -lt "$hc_last" ] && continue;; esac
-          echo "$name";;
+        *[2367]) ;;
+        *[2367]?) case $group in root|staff) continue;; esac;;
+        *) continue;;
       esac
+      # Writable by anyone: a sticky directory (/tmp) above the last one only.
+      case $mode in [1357]???) [ "$i" -lt "$hc_last" ] && continue;; esac
+      echo "$name"
     done; }})
   [ -z "$hc_bad" ] && return 0
   echo "homeclust: refusing to write as root under $hc_dir: $(printf '%s' "$hc_bad" | head -1) is \\

@@ -156,8 +156,9 @@ def test_a_root_key_an_older_homeclust_copied_to_the_workers_is_replaced(trust: 
         "No such file or directory")
     for node, target in (("worker1", "master"), ("worker1", "worker2"), ("worker2", "worker1"),
                          ("master", "worker1")):
-        ok, output = sh_ok(lab, node, f"ssh -n -o BatchMode=yes -o IdentitiesOnly=yes "
-                                      f"-i {old} {target} id -u")
+        # The old key alone (-F /dev/null: not the cluster key ssh_config names).
+        ok, output = sh_ok(lab, node, f"ssh -n -F /dev/null -o BatchMode=yes "
+                                      f"-o IdentitiesOnly=yes -i {old} {target} id -u")
         assert not ok and "Permission denied" in output, (node, target, output)
     ok, output = ssh_as_root(lab, "master", "worker1")
     assert ok, output

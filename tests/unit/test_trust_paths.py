@@ -337,3 +337,32 @@ def test_the_torque_check_reads_the_jobs_output_as_the_user(sandbox: Sandbox) ->
                           timeout=60, env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
     assert_never_seen(done.stdout + done.stderr)
     assert not Path("/tmp/homeclust-check.out").is_symlink()
+
+
+@pytest.mark.parametrize(("layout", "allowed"), [
+    ({"a": (0o755, "root")}, True),
+    ({"a": (0o775, "root")}, True),  # writable by root's group only
+    ({"a": (0o2775, "staff")}, True),  # Debian's root-equivalent staff (/usr/local)
+    ({"a": (0o775, ACCOUNT)}, False),  # another group could swap what it holds
+    ({"a": (0o1777, "root"), "a/b": (0o755, "root")}, True),  # sticky (/tmp) above
+    ({"a": (0o1777, "root")}, False),  # ... but not the directory written into
+    ({"a": (0o757, "root")}, False),
+])
+def test_root_writes_only_where_every_directory_is_roots_alone(
+        base: Path, layout: dict[str, tuple[int, str]], allowed: bool) -> None:
+    import grp
+
+    for relative, (mode, group) in layout.items():
+        directory = base / relative
+        directory.mkdir()
+        try:
+            os.chown(directory, 0, grp.getgrnam(group).gr_gid)
+        except KeyError:
+            pytest.skip(f"no group {group} here")
+        directory.chmod(mode)
+    target = base / max(layout, key=len) / "file.conf"
+    done = run_batch([FileChange(str(target), "x\n", None)])
+    assert (done.returncode == 0) == allowed, done.stdout
+    assert target.exists() == allowed
+    if not allowed:
+        assert "is not root's alone" in done.stdout
