@@ -9,10 +9,18 @@
 * **Keys**: one ed25519 key pair per account (root and each cluster user),
   generated once on the master (``~/.ssh/id_ed25519_homeclust``, a name of its
   own: an existing key of the admin's is never replaced nor copied to other
-  nodes), read back through secret facts and copied to every worker (mode
-  0600, owned by the account; never logged, never shown in a diff).
+  nodes).  A cluster user's is read back through secret facts and copied to every
+  worker (mode 0600, owned by the account; never logged, never shown in a diff).
+  Root's never leaves the master: root's trust goes master -> workers only, so
+  root on an old worker is not root on the master (a copy an older release left
+  on a worker is removed, and a root key such a release made is replaced once:
+  :func:`key_comment` marks the master-only one).
+* **A cluster user's home is theirs**: everything in it is read (the facts) and
+  written (keys, ``~/.ssh``, ``authorized_keys``) *as that user*; a link they put
+  where a managed file goes is replaced by the file, and root never acts through it.
 * **authorized_keys**: a managed block with the account's cluster key,
-  accepted only from the private network (``from="…"``).  Every other line --
+  accepted only from the private network (``from="…"``); for root, on the workers
+  only and from the master's private address only.  Every other line --
   the admin's own key, keys added by hand -- stays as it is.  Root's file (and
   that of the ``[ssh] user`` homeclust logs in as) is changed under a guard: the
   host rolls it back unless homeclust logs in again over a new connection.
@@ -361,7 +369,8 @@ def known_host_keys(ctx: PlanContext, current: Mapping[str, list[PublicKey]]
 
 class SshKeysStep(Step):
     name = "ssh-keys"
-    summary = "cluster users, one key pair per account, any-to-any SSH between nodes"
+    summary = ("cluster users, one key pair per account, SSH any-to-any for the users "
+               "and from the master for root")
     depends_on = ("network",)
 
     def fact_query(self, inventory: Inventory) -> FactQuery:
