@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from homeclust.cli import cli
 from homeclust.errors import LabError, UsageError
+from homeclust.facts import parse_facts
 from homeclust.inventory import Inventory, load_inventory
 from homeclust.lab import render, uplink
 from homeclust.lab.lab import Lab, LabStatus, NodeStatus, describe_releases
@@ -40,6 +41,8 @@ from homeclust.lab.state import LabPaths, LabState
 from homeclust.lab.supervisor import SupervisorSpec
 from homeclust.lab.system import ProcessId
 from homeclust.quoting import dnsmasq_client_id
+from tests.lab import capture_fresh_facts as fresh_facts
+from tests.unit.factsbuilder import parse_recorded
 
 REPO = Path(__file__).resolve().parents[2]
 GUIDE_INVENTORY = REPO / "inventory.toml"
@@ -395,6 +398,38 @@ def test_each_release_has_its_own_recipe() -> None:
     assert set(RELEASES) == {"trixie", "bookworm"}
     with pytest.raises(LabError, match="no rootfs recipe for release 'buster'"):
         recipe_for("buster")
+
+
+@pytest.mark.parametrize("role", ["master", "worker"])
+@pytest.mark.parametrize("version, release", [("12", "bookworm"), ("13", "trixie")])
+def test_recorded_fresh_nodes_are_what_the_lab_makes(
+    tmp_path: Path, version: str, release: str, role: str
+) -> None:
+    """tests/fixtures/lab-facts/debianNN-ROLE-fresh.txt: recorded from fresh lab nodes
+    (tests/lab/capture_fresh_facts.py); re-record them when the lab's files change."""
+    text = (REPO / f"tests/fixtures/lab-facts/debian{version}-{role}-fresh.txt").read_text()
+    recorded = parse_recorded(text)  # factsbuilder's own reader: round trip and checksums
+    node = "master" if role == "master" else "worker1"
+    inventory = load_inventory(fresh_facts.inventory_for(tmp_path, "hcfresh"))
+    facts = parse_facts(text, fresh_facts.node_query(inventory, node))
+    assert (facts.os.id, facts.os.version_id, facts.hostname) == ("debian", version, node)
+    assert f"({release})" in facts.os.pretty_name
+    client, other = (("dhcpcd-base", "isc-dhcp-client") if release == "trixie"
+                     else ("isc-dhcp-client", "dhcpcd-base"))
+    assert client in facts.packages and other not in facts.packages
+    assert set(recorded.files) == set(facts.files)
+    if release == "trixie":
+        assert facts.file_text("/etc/apt/sources.list.d/debian.sources") == (
+            render.render_debian_sources("trixie"))
+        assert "/etc/apt/sources.list" not in facts.files
+        dhcpcd = facts.file_text("/etc/dhcpcd.conf") or ""
+        sent = dhcpcd_sent_client_id(dhcpcd, "eth0")
+        assert sent == (b"cluster-master" if role == "master" else None)
+    else:
+        assert facts.file_text("/etc/apt/sources.list") == render.render_sources_list("bookworm")
+        assert "/etc/dhcpcd.conf" not in facts.files
+        dhclient = facts.file_text("/etc/dhcp/dhclient.conf") or ""
+        assert ('send dhcp-client-identifier "cluster-master";' in dhclient) is (role == "master")
 
 
 def test_recipe_is_a_fresh_minimal_server() -> None:
