@@ -54,11 +54,18 @@ PATCHED_CLI = textwrap.dedent("""
 """)
 
 
+def _default_sigint() -> None:
+    # A shell without job control (cron, nohup, `cmd &` in a script) starts its
+    # background commands with SIGINT ignored, and Python then never turns Ctrl-C
+    # into KeyboardInterrupt: the tests that send SIGINT set its disposition themselves.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def patched(inventory: Path, *args: str, slow: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", PATCHED_CLI.format(slow=slow), "-i", str(inventory), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
-        stdin=subprocess.DEVNULL)
+        stdin=subprocess.DEVNULL, preexec_fn=_default_sigint)
 
 
 def wait_for(condition: object, timeout: float, what: str) -> None:
