@@ -23,6 +23,7 @@ from homeclust.inventory import Inventory
 from homeclust.lab import Lab, LabInfo
 from homeclust.lab.cgroups import node_cgroups
 from homeclust.lab.plan import namespaces_for
+from homeclust.lab.rootfs import DHCP_CLIENT_PACKAGES
 from homeclust.lab.system import ProcessId, is_running, mount_points, read_pidfile, run
 from homeclust.lab.testing import connect, ssh_run, suite_release
 from tests.lab.helpers import inventory_copy, lab_cluster_name
@@ -280,12 +281,19 @@ def test_fresh_nodes_are_minimal_servers(scratch: tuple[Lab, LabInfo]) -> None:
         failed = the_lab.exec(node, ["systemctl", "--failed", "--no-legend"]).stdout
         assert state == "running", failed
     packages = the_lab.exec("master", ["dpkg-query", "-W", "-f", "${Package}\\n"]).stdout.split()
-    assert {"openssh-server", "iproute2", "iptables", "ifupdown", "isc-dhcp-client",
+    release = the_lab.plan.master.release
+    dhcp_client = DHCP_CLIENT_PACKAGES[release]  # the release's own: dhclient or dhcpcd
+    assert {"openssh-server", "iproute2", "iptables", "ifupdown", dhcp_client,
             "systemd"} <= set(packages)
     assert not {"iptables-persistent", "netfilter-persistent", "nginx", "openmpi-bin",
                 "slurmctld", "slurmd", "fail2ban", "tcpdump", "nmap"} & set(packages)
-    dhclient = the_lab.exec("master", ["cat", "/etc/dhcp/dhclient.conf"]).stdout
-    assert 'send dhcp-client-identifier "cluster-master";' in dhclient
+    assert not (set(DHCP_CLIENT_PACKAGES.values()) - {dhcp_client}) & set(packages)
+    if dhcp_client == "isc-dhcp-client":
+        dhclient = the_lab.exec("master", ["cat", "/etc/dhcp/dhclient.conf"]).stdout
+        assert 'send dhcp-client-identifier "cluster-master";' in dhclient
+    else:
+        dhcpcd = the_lab.exec("master", ["cat", "/etc/dhcpcd.conf"]).stdout
+        assert dhcpcd.endswith("interface eth0\nclientid 63:6c:75:73:74:65:72:2d:6d:61:73:74:65:72\n")
 
 
 def test_reset_gives_a_pristine_node_with_a_new_host_key(scratch: tuple[Lab, LabInfo]) -> None:
