@@ -44,6 +44,7 @@ from typing import Any
 import tomli_w
 
 from homeclust.lab import Lab
+from homeclust.lab.testing import suite_release
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = "network,firewall,nat"
@@ -286,7 +287,9 @@ def ansible_argv(lab: Lab, inventory: Path, forks: int, work: Path) -> list[str]
 
 def fresh_lab(name: str, workers: int, directory: Path) -> Lab:
     print(f"\n== 1 master + {workers} workers", flush=True)
-    lab = Lab(bench_inventory(name, workers, directory), progress=lambda m: None)
+    # The test suite's release (bookworm until the steps are ready for trixie).
+    lab = Lab(bench_inventory(name, workers, directory), progress=lambda m: None,
+              release=suite_release())
     lab.down()
     lab.up()
     return lab

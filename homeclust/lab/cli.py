@@ -20,10 +20,10 @@ from pathlib import Path
 
 import click
 
-from homeclust.errors import HomeclustError, UsageError
+from homeclust.errors import HomeclustError, LabError, UsageError
 from homeclust.inventory import DEFAULT_INVENTORY
 from homeclust.lab.lab import Lab
-from homeclust.lab.plan import DHCP_MODES
+from homeclust.lab.plan import DEFAULT_RELEASE, DHCP_MODES, RELEASES
 from homeclust.lab.uplink import parse_delay
 
 _SSH_OPTIONS = ("-o", "StrictHostKeyChecking=accept-new", "-o", "HashKnownHosts=no",
@@ -41,11 +41,30 @@ def _echo(message: str) -> None:
     click.echo(message, err=True)
 
 
-def _lab(cluster: str | None = None, dhcp: str | None = None) -> Lab:
+def _lab(cluster: str | None = None, dhcp: str | None = None, release: str | None = None,
+         node_releases: dict[str, str] | None = None) -> Lab:
     """The lab of ``--cluster`` (from its recorded state) or of the inventory."""
     if cluster:
         return Lab.from_state(cluster, progress=_echo)
-    return Lab(_inventory_path(), progress=_echo, dhcp=dhcp)
+    return Lab(_inventory_path(), progress=_echo, dhcp=dhcp, release=release,
+               node_releases=node_releases)
+
+
+def parse_node_releases(values: tuple[str, ...]) -> dict[str, str] | None:
+    """``--node-release NODE=RELEASE`` options as a mapping (None when there are none)."""
+    if not values:
+        return None
+    mapping: dict[str, str] = {}
+    for value in values:
+        node, sep, release = value.partition("=")
+        if not sep or not node or not release:
+            raise UsageError(f"lab up: --node-release {value!r} is not NODE=RELEASE",
+                             hint=f"e.g. --node-release worker2=bookworm ({', '.join(RELEASES)})")
+        if node in mapping and mapping[node] != release:
+            raise UsageError(f"lab up: --node-release names {node} twice "
+                             f"({mapping[node]} and {release})")
+        mapping[node] = release
+    return mapping
 
 
 cluster_option = click.option(
@@ -64,10 +83,20 @@ def lab() -> None:
               help="The institute network's DHCP server: 'reserved' (default: the master's "
                    "address reserved for its client id) or 'router' (a home router: one "
                    "address, leases keyed by client identity, no reservation).")
-def up(dhcp: str | None) -> None:
+@click.option("--release", metavar="RELEASE", default=None,
+              help=f"The Debian release of every node: {' or '.join(RELEASES)} "
+                   f"(default for a new lab: {DEFAULT_RELEASE}, the current stable).")
+@click.option("--node-release", "node_release", metavar="NODE=RELEASE", multiple=True,
+              help="Another release for one node, for a mixed lab (repeatable), "
+                   "e.g. --node-release worker2=bookworm.")
+def up(dhcp: str | None, release: str | None, node_release: tuple[str, ...]) -> None:
     """Build the lab and boot every node; print how to use it."""
-    info = _lab(dhcp=dhcp).up()
-    click.echo(info.summary())
+    try:
+        the_lab = _lab(dhcp=dhcp, release=release,
+                       node_releases=parse_node_releases(node_release))
+    except LabError as exc:  # a bad option value: nothing is created yet
+        raise UsageError(f"lab up: {exc.message}", hint=exc.hint) from None
+    click.echo(the_lab.up().summary())
 
 
 @lab.command()
@@ -81,7 +110,7 @@ def down(cluster: str | None) -> None:
 @lab.command()
 @cluster_option
 def status(cluster: str | None) -> None:
-    """Show nodes, services, namespaces, DHCP mode, uplink and apt cache counters of the lab."""
+    """Show nodes (with their releases), services, namespaces, DHCP mode, uplink and apt cache."""
     click.echo(_lab(cluster).status().describe())
 
 

@@ -7,6 +7,13 @@ and process the lab created -- also when ``up`` crashed half-way, because
 every name is derived from the cluster name and every process is recorded
 (PID + start time) the moment it starts.
 
+Each node runs a Debian release from a rootfs of its own (rootfs.py):
+``Lab(inventory, release="bookworm")`` for Debian 12 everywhere (the default
+is trixie, Debian 13, the current stable), and ``node_releases={"worker2":
+"bookworm"}`` for a mixed lab.  The releases are recorded in the lab's state,
+so ``status``, ``reboot``, ``reset``, ``stop``/``start`` and ``down`` of a lab
+that is up need no more than its cluster name.
+
 The lab can be made as hard as the real world: ``Lab(inventory,
 dhcp="router")`` gives the institute network a home router's DHCP server
 (no reservation, one address), and ``set_uplink("4mbit", delay_ms=100)``
@@ -27,7 +34,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
@@ -45,6 +52,7 @@ from homeclust.lab.aptcache import AptCacheStats, summarize
 from homeclust.lab.network import create_network, delete_network
 from homeclust.lab.plan import (
     CACHE_ROOT,
+    DEFAULT_RELEASE,
     STATE_ROOT,
     LabPlan,
     check_dhcp_mode,
@@ -52,9 +60,10 @@ from homeclust.lab.plan import (
     default_ssh_port,
     make_plan,
     namespaces_for,
+    node_release_map,
     state_dir_for,
 )
-from homeclust.lab.rootfs import ensure_rootfs
+from homeclust.lab.rootfs import ensure_rootfs, recipe_for
 from homeclust.lab.services import Service, lab_services
 from homeclust.lab.state import LabPaths, LabState
 from homeclust.lab.system import (
@@ -114,6 +123,7 @@ class LabInfo:
     rootfs_seconds: float  # seconds spent building the rootfs (0 when it was cached)
     already_up: bool = False
     dhcp: str = "reserved"  # plan.DHCP_MODES
+    releases: tuple[tuple[str, str], ...] = ()  # (node, Debian release) in node order
 
     @property
     def rootfs_built(self) -> bool:
@@ -127,6 +137,7 @@ class LabInfo:
         return "\n".join([
             f"lab up: {verb}{cached}",
             f"  cluster          {self.cluster}: {', '.join(self.nodes)}",
+            f"  releases         {describe_releases(self.releases)}",
             f"  institute net    {self.institute_network}  internet host {self.internet_address}, "
             f"admin host {self.admin_address}, master {self.master_public_address}"
             + (_dhcp_words(self.dhcp) if self.master_public_by_dhcp else " (static)"),
@@ -144,6 +155,16 @@ class LabInfo:
         ])
 
 
+def describe_releases(releases: Sequence[tuple[str, str]]) -> str:
+    """"trixie" for a lab of one release, else "trixie (master, worker1), bookworm (worker2)"."""
+    by_release: dict[str, list[str]] = {}
+    for node, release in releases:
+        by_release.setdefault(release, []).append(node)
+    if len(by_release) == 1:
+        return next(iter(by_release))
+    return ", ".join(f"{release} ({', '.join(nodes)})" for release, nodes in by_release.items())
+
+
 def _dhcp_words(mode: str) -> str:
     if mode == "router":
         return " (DHCP from a home router: one address, no reservation)"
@@ -156,6 +177,7 @@ class NodeStatus:
     role: str
     running: bool
     pid: int | None
+    release: str = DEFAULT_RELEASE
 
 
 @dataclass(frozen=True)
@@ -190,7 +212,7 @@ class LabStatus:
         lines.append("  nodes:")
         for node in self.nodes:
             state = f"running (init pid {node.pid})" if node.running else "stopped"
-            lines.append(f"    {node.name:<16} {node.role:<7} {state}")
+            lines.append(f"    {node.name:<16} {node.role:<7} {node.release:<9} {state}")
         lines.append("  services:")
         for name, where, running in self.services:
             lines.append(f"    {name:<18} {where:<24} {'running' if running else 'NOT RUNNING'}")
@@ -230,9 +252,15 @@ class Lab:
         cache_root: Path = CACHE_ROOT,
         progress: Progress | None = None,
         dhcp: str | None = None,
+        release: str | None = None,
+        node_releases: Mapping[str, str] | None = None,
     ) -> None:
         """``dhcp``: "reserved" (the default for a new lab) or "router" (see
-        plan.DHCP_MODES); None takes what a lab that is up recorded."""
+        plan.DHCP_MODES); ``release``: the Debian release of every node
+        (plan.RELEASES; a new lab's default: plan.DEFAULT_RELEASE);
+        ``node_releases``: node name -> release for the nodes that run another.
+        None takes what a lab that is up recorded.  A bad value is a LabError
+        here, before anything is created."""
         self.source_path = Path(inventory_path).resolve()
         inventory = load_inventory(self.source_path)
         self._init(inventory.cluster.name, state_root, cache_root, progress)
@@ -240,6 +268,9 @@ class Lab:
         if dhcp is not None:
             check_dhcp_mode(dhcp, static_master=inventory.master.public_boot == "static")
         self._dhcp = dhcp
+        node_release_map(inventory, release or DEFAULT_RELEASE, node_releases or {})
+        self._release = release
+        self._node_releases = dict(node_releases) if node_releases is not None else None
 
     @classmethod
     def from_state(
@@ -255,6 +286,8 @@ class Lab:
         lab._init(cluster, state_root, cache_root, progress)
         lab._given_inventory = None
         lab._dhcp = None
+        lab._release = None
+        lab._node_releases = None
         lab.source_path = lab.paths.source_inventory
         return lab
 
@@ -316,7 +349,8 @@ class Lab:
             raise LabError(f"the lab of cluster {self.cluster} is not up",
                            hint="homeclust lab up")
         return make_plan(self._recorded_inventory(), state.network, state.ssh_port,
-                         self.state_root, dhcp_mode=state.dhcp)
+                         self.state_root, dhcp_mode=state.dhcp, release=state.release,
+                         node_releases=state.node_releases)
 
     @property
     def apt_cache_dir(self) -> Path:
@@ -374,9 +408,17 @@ class Lab:
         inventory = self._given_inventory
         network = choose_institute_network(inventory.cluster.private_network, host_networks())
         dhcp = self._dhcp or "reserved"
-        plan = make_plan(inventory, network, self._free_port(), self.state_root, dhcp_mode=dhcp)
-        rootfs, built = ensure_rootfs(cache_root=self.cache_root, progress=self.progress)
-        rootfs_seconds = time.monotonic() - started if built else 0.0
+        release = self._release or DEFAULT_RELEASE
+        node_releases = self._node_releases or {}
+        plan = make_plan(inventory, network, self._free_port(), self.state_root, dhcp_mode=dhcp,
+                         release=release, node_releases=node_releases)
+        rootfs: dict[str, Path] = {}
+        rootfs_seconds = 0.0
+        for node_release in plan.releases:
+            build_started = time.monotonic()
+            rootfs[node_release], built = ensure_rootfs(
+                recipe_for(node_release), cache_root=self.cache_root, progress=self.progress)
+            rootfs_seconds += time.monotonic() - build_started if built else 0.0
 
         self.paths.root.mkdir(parents=True, exist_ok=True)
         remove_tree(self.paths.logs)  # the previous lab's logs; this one starts its own
@@ -384,7 +426,10 @@ class Lab:
         LabState(
             cluster=self.cluster, source_inventory=str(self.source_path),
             institute_network=str(plan.institute_network), ssh_port=plan.ssh_port,
-            rootfs=str(rootfs), phase="starting", dhcp=dhcp,
+            rootfs=str(rootfs.get(release, rootfs[plan.releases[0]])), phase="starting",
+            dhcp=dhcp, release=release,
+            node_releases={n: r for n, r in node_releases.items() if r != release},
+            rootfs_by_release={r: str(path) for r, path in rootfs.items()},
         ).save(self.paths)
         try:
             self._build(plan, rootfs, ready_timeout)
@@ -401,7 +446,7 @@ class Lab:
         dataclasses.replace(state, phase="up").save(self.paths)
         return self._info(plan, time.monotonic() - started, rootfs_seconds)
 
-    def _build(self, plan: LabPlan, rootfs: Path, ready_timeout: float) -> None:
+    def _build(self, plan: LabPlan, rootfs: Mapping[str, Path], ready_timeout: float) -> None:
         self._raise_inotify_limit(len(plan.nodes))
         for directory in (self.paths.run, self.paths.logs, self.paths.nodes):
             directory.mkdir(parents=True, exist_ok=True)
@@ -421,7 +466,7 @@ class Lab:
         for node in plan.nodes:
             node_paths = self.paths.node(node.name)
             lab_nodes.wipe_disk(node_paths)
-            lab_nodes.mount_disk(node_paths, rootfs)
+            lab_nodes.mount_disk(node_paths, rootfs[node.release])
             lab_nodes.write_first_boot_files(plan, node, node_paths.merged, public_key)
             lab_nodes.power_on(plan, node, self.paths)
 
@@ -437,6 +482,7 @@ class Lab:
                 f"not {self._dhcp!r}",
                 hint=f"homeclust lab down, then homeclust lab up --dhcp {self._dhcp}",
             )
+        self._check_same_releases(state)
         plan = self.plan
         broken = [ns for ns in plan.namespaces if not netns_exists(ns)]
         broken += [s.name for s in self._services(plan)
@@ -459,6 +505,22 @@ class Lab:
                 self.progress("note: the inventory changed since this lab was built; "
                               "run `homeclust lab down` and `lab up` to rebuild it")
         return self._info(plan, time.monotonic() - started, 0.0, already_up=not stopped)
+
+    def _check_same_releases(self, state: LabState) -> None:
+        """``up`` with releases other than those of the lab that is up is an error."""
+        if self._release is None and self._node_releases is None:
+            return
+        inventory = self._recorded_inventory()
+        recorded = node_release_map(inventory, state.release, state.node_releases)
+        wanted = node_release_map(inventory, self._release or state.release,
+                                  self._node_releases or {})
+        if wanted != recorded:
+            differ = ", ".join(f"{node} runs {recorded[node]}, not {wanted[node]}"
+                               for node in recorded if recorded[node] != wanted[node])
+            raise LabError(
+                f"the lab of cluster {self.cluster} is up with other releases ({differ})",
+                hint="homeclust lab down, then homeclust lab up with the releases you want",
+            )
 
     def down(self) -> DownReport:
         """Remove every namespace, mount and process of this lab.  Idempotent, crash-safe."""
@@ -514,7 +576,8 @@ class Lab:
             running = lab_nodes.is_node_running(node_paths)
             leader = read_pidfile(node_paths.leader_pid) if running else None
             node_states.append(NodeStatus(node.name, node.role, running,
-                                          leader.pid if leader and is_running(leader) else None))
+                                          leader.pid if leader and is_running(leader) else None,
+                                          release=node.release))
         services = tuple(
             (s.name, s.where, is_running(read_pidfile(self.paths.pidfile(s.name))))
             for s in self._services(plan)
@@ -604,7 +667,7 @@ class Lab:
         lab_nodes.power_off([(node, node_paths)])
         lab_nodes.wipe_disk(node_paths)
         self._forget_host_keys(plan, node)
-        lab_nodes.mount_disk(node_paths, self._rootfs())
+        lab_nodes.mount_disk(node_paths, self._rootfs(lab_node.release))
         lab_nodes.write_first_boot_files(
             plan, lab_node, node_paths.merged, self.paths.admin_key.with_suffix(".pub").read_text())
         lab_nodes.power_on(plan, lab_node, self.paths)
@@ -612,14 +675,16 @@ class Lab:
 
     def _power_on(self, plan: LabPlan, node: str) -> None:
         node_paths = self.paths.node(node)
-        lab_nodes.mount_disk(node_paths, self._rootfs())
-        lab_nodes.power_on(plan, plan.node(node), self.paths)
+        lab_node = plan.node(node)
+        lab_nodes.mount_disk(node_paths, self._rootfs(lab_node.release))
+        lab_nodes.power_on(plan, lab_node, self.paths)
 
-    def _rootfs(self) -> Path:
+    def _rootfs(self, release: str) -> Path:
+        """The cached rootfs this lab's nodes of ``release`` boot from."""
         state = self._state()
         if state is None:
             raise LabError(f"the lab of cluster {self.cluster} is not up", hint="homeclust lab up")
-        return Path(state.rootfs)
+        return Path(state.rootfs_of(release))
 
     # ------------------------------------------------------------------
     # Looking inside (for tests and the demo)
@@ -787,6 +852,7 @@ class Lab:
             master_public_by_dhcp=not plan.master_public_static,
             nodes=tuple(n.name for n in plan.nodes), elapsed=elapsed, rootfs_seconds=rootfs_seconds,
             already_up=already_up, dhcp=plan.dhcp_mode,
+            releases=tuple((n.name, n.release) for n in plan.nodes),
         )
 
 

@@ -82,14 +82,40 @@ def write_first_boot_files(
     ssh_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(ssh_dir, 0o700)
     write("root/.ssh/authorized_keys", admin_public_key.strip() + "\n", 0o600)
-    # On a home router (dhcp_mode "router") the master keeps the installer's
-    # dhclient.conf: no client id there (ifupdown's `dhclient -i` still sends a
-    # DUID-based one, as on any Debian install).
+    # The institute reserves the master's public address for its client id: the
+    # node's own DHCP client (the one ifupdown runs) is told to send it.  On a
+    # home router (dhcp_mode "router") the master keeps its client's packaged
+    # configuration: no client id there (dhclient -i and dhcpcd's `duid` still
+    # send a DUID-based one, as on any Debian install).
     if node.role == "master" and not plan.master_public_static and plan.dhcp_mode == "reserved":
-        base_path = root / "etc/dhcp/dhclient.conf"
-        base = base_path.read_text() if base_path.exists() else ""
-        write("etc/dhcp/dhclient.conf", render.render_dhclient_conf(
-            base, plan.master_public_interface, plan.master_dhcp_client_id))
+        client = render.ifupdown_dhcp_client(
+            name for name in render.IFUPDOWN_DHCP_CLIENTS if _installed(root, name))
+        interface, client_id = plan.master_public_interface, plan.master_dhcp_client_id
+        if client == "dhclient":
+            base = _read(root / "etc/dhcp/dhclient.conf")
+            write("etc/dhcp/dhclient.conf", render.render_dhclient_conf(base, interface, client_id))
+        elif client == "dhcpcd":
+            base = _read(root / "etc/dhcpcd.conf")
+            write("etc/dhcpcd.conf", render.render_dhcpcd_conf(base, interface, client_id))
+        else:
+            raise LabError(
+                f"lab node {node.name} has no DHCP client the lab can give a client id "
+                f"({client or 'none found'})",
+                hint="the node's rootfs needs dhclient (isc-dhcp-client) or dhcpcd (dhcpcd-base)",
+            )
+
+
+def _installed(root: Path, program: str) -> bool:
+    """Whether ``program`` is in the node's /usr/sbin or /sbin (never looking outside ``root``)."""
+    candidates = [root / "usr/sbin" / program]
+    if not (root / "sbin").is_symlink():  # merged /usr: /sbin is a link to usr/sbin
+        candidates.append(root / "sbin" / program)
+    # lexists: an absolute link inside the rootfs would point into this machine.
+    return any(os.path.lexists(path) for path in candidates)
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
 def is_node_running(node_paths: NodePaths) -> bool:

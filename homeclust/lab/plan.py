@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, ip_address
 from pathlib import Path
@@ -58,6 +58,11 @@ _MACHINE_NAME_MAX = 64
 #: client that changes its identity gets nothing while its old lease lives.
 DHCP_MODES = ("reserved", "router")
 
+#: The Debian releases a lab node can run, each from a rootfs of its own
+#: (rootfs.py); the first is the default: the current stable.
+RELEASES = ("trixie", "bookworm")
+DEFAULT_RELEASE = RELEASES[0]
+
 
 @dataclass(frozen=True)
 class LabLink:
@@ -79,6 +84,7 @@ class LabNode:
     private_interface: str
     private_address: IPv4Interface
     gateway: IPv4Address | None  # workers: the master's private address
+    release: str = DEFAULT_RELEASE  # one of RELEASES: the Debian release the node runs
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,11 @@ class LabPlan:
     ssh_port: int
     nodes: tuple[LabNode, ...]
     dhcp_mode: str = "reserved"  # one of DHCP_MODES
+
+    @property
+    def releases(self) -> tuple[str, ...]:
+        """The releases the lab's nodes run, each once, the master's first."""
+        return tuple(dict.fromkeys(node.release for node in self.nodes))
 
     @property
     def switch_netns(self) -> str:
@@ -182,12 +193,19 @@ def make_plan(
     ssh_port: int,
     state_root: Path = STATE_ROOT,
     dhcp_mode: str = "reserved",
+    release: str = DEFAULT_RELEASE,
+    node_releases: Mapping[str, str] | None = None,
 ) -> LabPlan:
-    """Every name and address of the lab for ``inventory``."""
+    """Every name and address of the lab for ``inventory``.
+
+    Every node runs ``release`` except those ``node_releases`` names (node ->
+    release): a mixed lab, as a cluster that grew over the years.
+    """
     cluster = inventory.cluster.name
     master = inventory.master
     private_prefix = inventory.cluster.private_network.prefixlen
     check_dhcp_mode(dhcp_mode, static_master=master.public_boot == "static")
+    releases = node_release_map(inventory, release, node_releases or {})
 
     if master.public_boot == "static":
         # Replicate the inventory's public subnet; its gateway plays the internet host.
@@ -224,6 +242,7 @@ def make_plan(
             private_interface=master.private_interface,
             private_address=IPv4Interface(f"{master.private_address}/{private_prefix}"),
             gateway=None,
+            release=releases[master.name],
         )
     )
     for index, worker in enumerate(inventory.workers, start=1):
@@ -236,6 +255,7 @@ def make_plan(
                 private_interface=worker.interface,
                 private_address=IPv4Interface(f"{worker.private_address}/{private_prefix}"),
                 gateway=master.private_address,
+                release=releases[worker.name],
             )
         )
 
@@ -270,6 +290,33 @@ def check_dhcp_mode(mode: str, *, static_master: bool) -> None:
             "DHCP mode 'router' needs a master whose public side uses DHCP",
             hint='the inventory says [master] public_boot = "static"; use the default mode',
         )
+
+
+def check_release(release: str, what: str = "lab release") -> None:
+    if release not in RELEASES:
+        raise LabError(f"unknown {what} {release!r}", hint=f"one of: {', '.join(RELEASES)}")
+
+
+def node_release_map(
+    inventory: Inventory, release: str, node_releases: Mapping[str, str]
+) -> dict[str, str]:
+    """Each node's release: ``release`` unless ``node_releases`` names the node.
+
+    A release that is not one of :data:`RELEASES`, or a node the inventory does
+    not have, is a LabError naming it (checked before the lab creates anything).
+    """
+    check_release(release)
+    names = [inventory.master.name, *(w.name for w in inventory.workers)]
+    unknown = sorted(set(node_releases) - set(names))
+    if unknown:
+        raise LabError(
+            f"no node named {', '.join(map(repr, unknown))} in the inventory's cluster "
+            f"{inventory.cluster.name}",
+            hint=f"nodes: {', '.join(names)}",
+        )
+    for node, node_release in node_releases.items():
+        check_release(node_release, what=f"release for node {node}:")
+    return {name: node_releases.get(name, release) for name in names}
 
 
 def _first_free(network: IPv4Network, used: set[IPv4Address]) -> IPv4Address:

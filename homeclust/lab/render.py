@@ -18,6 +18,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
+from homeclust.errors import LabError
 from homeclust.lab.plan import APT_RELAY_PORT, LabNode, LabPlan
 from homeclust.quoting import (
     DNS_NAME_RE,
@@ -60,7 +61,9 @@ def render_dnsmasq_conf(plan: LabPlan, lease_file: Path, log_file: Path) -> str:
         "bogus-priv",
         # The package source: apt's requests for the archive go to the internet
         # host, which relays them (see services.py), so the Host header stays right.
-        f"address=/deb.debian.org/{plan.internet_address}",
+        # security.debian.org too: trixie nodes name it, as their installer does
+        # (the relay fetches its /debian-security/ paths from deb.debian.org).
+        f"address=/deb.debian.org/security.debian.org/{plan.internet_address}",
         f"host-record=internet,{plan.internet_address}",
         f"host-record=admin,{plan.admin_address}",
         f"host-record={','.join(names)},{plan.master_public_address}",
@@ -198,6 +201,59 @@ def render_dhclient_conf(base: str, interface: str, client_id: str) -> str:
     )
 
 
+#: The DHCP clients ifupdown's ``inet dhcp`` runs, in the order it looks for them
+#: (ifupdown 0.8.44): the first one installed is the one a node uses.
+IFUPDOWN_DHCP_CLIENTS = ("dhclient", "udhcpc", "dhcpcd")
+
+
+def ifupdown_dhcp_client(installed: Iterable[str]) -> str | None:
+    """The DHCP client ifupdown runs on a node with the programs ``installed``."""
+    present = set(installed)
+    return next((client for client in IFUPDOWN_DHCP_CLIENTS if client in present), None)
+
+
+#: dhcpcd keeps at most this many client id bytes (CLIENTID_MAX_LEN in if-options.h).
+DHCPCD_CLIENT_ID_MAX = 48
+
+
+def dhcpcd_client_id(client_id: str) -> str:
+    """``client_id``'s bytes as dhcpcd.conf's ``clientid`` takes them unchanged.
+
+    dhcpcd reads a ``clientid`` of the form ``01:02:03`` as hex and sends those
+    bytes as they are; any other string gets a type byte 0 in front
+    (if-options.c, parse_str with PARSE_HWADDR).  dhclient sends the guide's
+    string id as its bytes with nothing in front, and the reservation is keyed
+    on those: so the string goes in hex.  dhcpcd needs two bytes at least for
+    the hex form and keeps 48 at most; an id outside that cannot be sent as-is.
+    """
+    raw = client_id.encode()
+    if not 2 <= len(raw) <= DHCPCD_CLIENT_ID_MAX:
+        raise LabError(
+            f"dhcpcd cannot send the client id {client_id!r} as it is "
+            f"({len(raw)} bytes; it takes 2 to {DHCPCD_CLIENT_ID_MAX})",
+            hint="choose another [master] dhcp_client_id, or a bookworm master (dhclient)",
+        )
+    return ":".join(f"{byte:02x}" for byte in raw)
+
+
+def render_dhcpcd_conf(base: str, interface: str, client_id: str) -> str:
+    """The package's dhcpcd.conf plus an ``interface`` block sending the reserved client id.
+
+    The block goes last: dhcpcd applies every option after ``interface NAME``
+    to that interface alone, and an explicit ``clientid`` takes the place of
+    the DUID-based id the package's global ``duid`` asks for.
+    """
+    text = base if base.endswith("\n") or not base else base + "\n"
+    return (
+        f"{text}\n"
+        "# The institute's DHCP server reserves the master's public address for\n"
+        "# this client id (the guide's DHCP_CLIENT_ID): its bytes in hex, which\n"
+        "# dhcpcd sends as they are (as text it would put a type byte first).\n"
+        f"interface {require_interface(interface)}\n"
+        f"clientid {dhcpcd_client_id(client_id)}\n"
+    )
+
+
 def render_hosts(hostname: str) -> str:
     return (
         "127.0.0.1\tlocalhost\n"
@@ -309,6 +365,34 @@ def render_sources_list(suite: str) -> str:
         f"deb http://deb.debian.org{port}/debian {suite} main\n"
         f"deb http://deb.debian.org{port}/debian {suite}-updates main\n"
         f"deb http://deb.debian.org{port}/debian-security {suite}-security main\n"
+    )
+
+
+#: The keyring deb822 sources name: what apt 3.0's ``modernize-sources`` writes for
+#: Debian's archive (in trixie a link to debian-archive-keyring.pgp).
+DEBIAN_ARCHIVE_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+
+
+def render_debian_sources(suite: str) -> str:
+    """``/etc/apt/sources.list.d/debian.sources`` (deb822): the same three suites.
+
+    Trixie's installer (apt-setup 1:0.198) still writes a one-line
+    ``sources.list`` from deb.debian.org and security.debian.org; apt 3.0 then
+    asks on every update to run ``apt modernize-sources``, which turns it into
+    this file with ``Signed-By`` (and keeps the original as ``sources.list.bak``).
+    Debian's cloud and container images ship deb822 sources from the start.
+    This is that modernized form, with the installer's mirrors: main only and
+    no ``deb-src`` lines, like the bookworm nodes' ``sources.list``.
+    """
+    port = "" if APT_RELAY_PORT == 80 else f":{APT_RELAY_PORT}"
+    return (
+        f"Types: deb\nURIs: http://deb.debian.org{port}/debian/\n"
+        f"Suites: {suite} {suite}-updates\nComponents: main\n"
+        f"Signed-By: {DEBIAN_ARCHIVE_KEYRING}\n"
+        "\n"
+        f"Types: deb\nURIs: http://security.debian.org{port}/debian-security/\n"
+        f"Suites: {suite}-security\nComponents: main\n"
+        f"Signed-By: {DEBIAN_ARCHIVE_KEYRING}\n"
     )
 
 

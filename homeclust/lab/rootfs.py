@@ -1,4 +1,4 @@
-"""The nodes' Debian root filesystem: built once with debootstrap, cached by recipe.
+"""The nodes' Debian root filesystem: built once per release with debootstrap, cached by recipe.
 
 The cache directory is named after a hash of the recipe (suite, mirror,
 packages, the files written into it and :data:`RECIPE_VERSION`), so changing
@@ -6,11 +6,19 @@ any of them builds a new rootfs.  A build happens in a temporary directory
 that is renamed into place only when complete: an interrupted build never
 leaves a half-made rootfs that looks usable.
 
-The image is what a fresh minimal server install would be -- systemd,
-openssh-server, iproute2, iptables, ifupdown + isc-dhcp-client, apt -- and
-nothing that homeclust's steps install (no nginx, openmpi, slurm, fail2ban,
-iptables-persistent).  Per-node files (hostname, network config, authorized
-keys, machine id) are written into each node's overlay, not here.
+The image is what a fresh minimal server install of its release would be --
+systemd, openssh-server, iproute2, iptables, ifupdown with the release's DHCP
+client, apt -- and nothing that homeclust's steps install (no nginx, openmpi,
+slurm, fail2ban, iptables-persistent).  Per release (:func:`recipe_for`):
+
+* bookworm (Debian 12): isc-dhcp-client; one-line ``/etc/apt/sources.list``.
+* trixie (Debian 13): dhcpcd-base, the DHCP client of priority "important"
+  that ifupdown recommends (no isc-dhcp-client, so no dhclient); deb822 sources
+  in ``/etc/apt/sources.list.d/debian.sources`` and no ``sources.list``
+  (render.render_debian_sources says how that file is made).
+
+Per-node files (hostname, network config, authorized keys, machine id) are
+written into each node's overlay, not here.
 """
 
 from __future__ import annotations
@@ -28,12 +36,13 @@ from pathlib import Path
 
 from homeclust.errors import LabError
 from homeclust.lab import render
-from homeclust.lab.plan import CACHE_ROOT
+from homeclust.lab.plan import CACHE_ROOT, RELEASES
 from homeclust.lab.system import mount_points, run
 
 #: Bump when the build procedure changes in a way the recipe fields do not show.
 RECIPE_VERSION = 1
 
+#: bookworm's packages (the order is part of its recipe hash: keep it).
 BASE_PACKAGES = (
     "systemd", "systemd-sysv", "dbus",
     "openssh-server", "openssh-sftp-server",  # sftp: what a Debian install brings along
@@ -41,6 +50,17 @@ BASE_PACKAGES = (
     "procps", "iputils-ping", "netcat-openbsd", "ca-certificates", "sudo",
     "netbase", "less", "kmod", "apt-utils",
 )
+
+#: Each release's DHCP client as its installer leaves it: trixie's ifupdown
+#: recommends dhcpcd-base (priority important) where bookworm's recommended
+#: isc-dhcp-client.
+DHCP_CLIENT_PACKAGES = {"bookworm": "isc-dhcp-client", "trixie": "dhcpcd-base"}
+
+
+def release_packages(release: str) -> tuple[str, ...]:
+    """The packages of ``release``'s rootfs: the base set with that release's DHCP client."""
+    client = DHCP_CLIENT_PACKAGES[release]
+    return tuple(client if p == "isc-dhcp-client" else p for p in BASE_PACKAGES)
 
 # Every node makes its own SSH host keys at first boot: debootstrap copied the
 # build machine's, and Debian's ssh.service does not create missing ones.
@@ -69,17 +89,42 @@ class Recipe:
     packages: tuple[str, ...] = BASE_PACKAGES
     files: dict[str, str] = field(default_factory=lambda: dict(recipe_files("bookworm")))
     version: int = RECIPE_VERSION
+    #: Files debootstrap writes that the release's installer does not leave.
+    remove: tuple[str, ...] = ()
 
     def fingerprint(self) -> str:
-        """A short hash of everything that decides the rootfs's content."""
-        canonical = json.dumps(asdict(self), sort_keys=True)
+        """A short hash of everything that decides the rootfs's content.
+
+        Fields added after the first recipe count only when set, so a recipe
+        that does not use them keeps its hash -- and its cached rootfs.
+        """
+        fields = asdict(self)
+        if not fields["remove"]:
+            del fields["remove"]
+        canonical = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def recipe_for(release: str) -> Recipe:
+    """The rootfs recipe of a Debian release (one of plan.RELEASES)."""
+    if release not in RELEASES:
+        raise LabError(f"no rootfs recipe for release {release!r}",
+                       hint=f"one of: {', '.join(RELEASES)}")
+    if release == "bookworm":
+        return Recipe()  # as it always was: its cached rootfs stays valid
+    return Recipe(suite=release, packages=release_packages(release),
+                  files=recipe_files(release),
+                  # debootstrap writes a one-line sources.list; trixie's sources are deb822.
+                  remove=("etc/apt/sources.list",))
 
 
 def recipe_files(suite: str) -> dict[str, str]:
     """Files written into the rootfs after debootstrap, path -> content."""
+    sources = ({"etc/apt/sources.list": render.render_sources_list(suite)}
+               if suite == "bookworm" else
+               {"etc/apt/sources.list.d/debian.sources": render.render_debian_sources(suite)})
     return {
-        "etc/apt/sources.list": render.render_sources_list(suite),
+        **sources,
         "etc/apt/apt.conf.d/99homeclust-lab": render.APT_LAB_CONF,
         "etc/systemd/system/ssh-hostkeys.service": SSH_HOSTKEYS_UNIT,
         "etc/hostname": "localhost\n",
@@ -158,7 +203,7 @@ def _customize(recipe: Recipe, root: Path) -> None:
     # Host keys and identity that debootstrap copied from the build machine.
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
-    for path in ("etc/resolv.conf", "var/lib/dbus/machine-id"):
+    for path in ("etc/resolv.conf", "var/lib/dbus/machine-id", *recipe.remove):
         with contextlib.suppress(FileNotFoundError):
             (root / path).unlink()
     for relative, content in recipe.files.items():

@@ -2,7 +2,7 @@
 
 Layout of ``/var/lib/homeclust-lab/<cluster>/``::
 
-    state.json              what is up: institute network, SSH port, rootfs used
+    state.json              what is up: institute network, SSH port, releases and rootfs used
     source-inventory.toml   the inventory the lab was built from (for ``down`` after a crash)
     inventory.toml          the lab inventory: point homeclust at this one
     admin_key, admin_key.pub  the lab admin's SSH key (root on every node)
@@ -16,7 +16,7 @@ Layout of ``/var/lib/homeclust-lab/<cluster>/``::
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from ipaddress import IPv4Network
 from pathlib import Path
 
@@ -137,14 +137,28 @@ class LabState:
     source_inventory: str  # the user's inventory path (informational)
     institute_network: str
     ssh_port: int
-    rootfs: str
+    rootfs: str  # the rootfs of ``release``
     phase: str  # "starting" while up() runs, "up" once every node answered
     version: int = STATE_VERSION
     dhcp: str = "reserved"  # plan.DHCP_MODES; absent in states written before it existed
+    # The fields below are absent in states written before labs had releases:
+    # those labs ran bookworm everywhere.
+    release: str = "bookworm"  # plan.RELEASES: what every node runs unless node_releases says
+    node_releases: dict[str, str] = field(default_factory=dict)  # node -> its own release
+    rootfs_by_release: dict[str, str] = field(default_factory=dict)  # release -> rootfs path
 
     @property
     def network(self) -> IPv4Network:
         return IPv4Network(self.institute_network)
+
+    def rootfs_of(self, release: str) -> str:
+        """The rootfs the lab's nodes of ``release`` boot from."""
+        if release in self.rootfs_by_release:
+            return self.rootfs_by_release[release]
+        if release == self.release:
+            return self.rootfs
+        raise LabError(f"the lab of cluster {self.cluster} has no {release} rootfs recorded",
+                       hint="homeclust lab down, then homeclust lab up")
 
     def save(self, paths: LabPaths) -> None:
         paths.root.mkdir(parents=True, exist_ok=True)
@@ -165,4 +179,9 @@ class LabState:
                 f"{paths.state_file} was written by another homeclust version",
                 hint="tear that lab down with the homeclust version that built it",
             )
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise LabError(f"cannot read the lab state {paths.state_file}: {exc}",
+                           hint="tear that lab down with the homeclust version that built it"
+                           ) from None

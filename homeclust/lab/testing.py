@@ -4,14 +4,31 @@ Kept in the package (not in a conftest) so every test module can import them:
 ``connect(lab, node)`` gives a paramiko client logged in as root with the lab
 key -- the master through the admin's loopback forward, workers through a
 ``direct-tcpip`` channel of the master's connection (a jump host).
+
+:func:`suite_release` is the Debian release the test suite's labs run unless a
+test asks for another: ``$HOMECLUST_TEST_RELEASE``, bookworm when unset (the
+steps are not all ready for trixie yet; the default flips when they are).
 """
 
 from __future__ import annotations
+
+import os
 
 import paramiko
 
 from homeclust.errors import LabError
 from homeclust.lab.lab import Lab
+from homeclust.lab.plan import check_release
+
+#: The release of the test suite's labs when $HOMECLUST_TEST_RELEASE is unset.
+DEFAULT_TEST_RELEASE = "bookworm"
+
+
+def suite_release() -> str:
+    """``$HOMECLUST_TEST_RELEASE`` (checked), or :data:`DEFAULT_TEST_RELEASE`."""
+    release = os.environ.get("HOMECLUST_TEST_RELEASE") or DEFAULT_TEST_RELEASE
+    check_release(release, what="HOMECLUST_TEST_RELEASE")
+    return release
 
 
 def connect(the_lab: Lab, node: str, via: paramiko.SSHClient | None = None) -> paramiko.SSHClient:

@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     cluster = CLUSTER + os.environ.get("HOMECLUST_TEST_CLUSTER_SUFFIX", "")
     work = Path(tempfile.mkdtemp(prefix="hcfixtures-"))
-    lab = Lab(lab_inventory(work, cluster), progress=log)
+    # The fixtures are Debian 12's (tests/fixtures/lab/README.md).
+    lab = Lab(lab_inventory(work, cluster), progress=log, release="bookworm")
     try:
         lab.down()  # whatever an interrupted earlier capture left behind
         log(lab.up().summary().splitlines()[0])

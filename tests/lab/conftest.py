@@ -1,7 +1,10 @@
 """Fixtures for the end-to-end tests on the virtual lab (tests marked ``lab``).
 
 * ``lab``: one lab per test session, built from the repository's
-  ``inventory.toml`` (the guide's cluster: master + worker1..3).  Whatever an
+  ``inventory.toml`` (the guide's cluster: master + worker1..3), every node
+  on the suite's release: ``$HOMECLUST_TEST_RELEASE`` (trixie or bookworm;
+  bookworm when unset, for now: the lead flips the default once the steps are
+  ready for trixie).  Whatever an
   interrupted earlier run left is removed first; the lab is torn down at the
   end of the session whatever happens.  If it cannot start, every test using
   it fails (never skips): a broken lab is a broken build.
@@ -10,9 +13,17 @@
   homeclust at (``homeclust -i PATH up``).
 * ``lab_ssh``: ``lab_ssh(node)`` -> a connected paramiko client, as root with
   the lab's key; workers are reached through the master, like homeclust does.
-* ``lab_factory``: ``lab_factory(inventory_path)`` -> (Lab, LabInfo): an extra
-  lab (use another cluster name) for tests that break or tear down a lab;
-  every such lab is torn down at the end of the session.
+* ``lab_factory``: ``lab_factory(inventory_path, release=None,
+  node_releases=None, dhcp=None)`` -> (Lab, LabInfo): an extra lab (use
+  another cluster name: ``helpers.inventory_copy``) for tests that break or
+  tear down a lab, or that need a given release.  ``release``: every node's
+  Debian release ("trixie" or "bookworm"; None: the suite's release);
+  ``node_releases``: {node: release} for a mixed lab, e.g.
+  ``lab_factory(inventory_copy(tmp, "mixed", workers=1), release="trixie",
+  node_releases={"worker1": "bookworm"})``.  Every such lab is torn down at
+  the end of the session.
+* ``start_lab(inventory, ...)``: the same for a test that tears its lab down
+  itself (same arguments).
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import paramiko
@@ -28,7 +39,7 @@ import pytest
 
 from homeclust.inventory import Inventory, load_inventory
 from homeclust.lab import Lab, LabInfo
-from homeclust.lab.testing import connect
+from homeclust.lab.testing import connect, suite_release
 from tests.lab.helpers import CLUSTER_SUFFIX, GUIDE_INVENTORY, inventory_copy
 
 _config: pytest.Config | None = None
@@ -49,11 +60,19 @@ def progress(message: str) -> None:
         print(f"\n[lab] {message}", file=sys.stderr, flush=True)
 
 
-def start_lab(inventory: Path, *, dhcp: str | None = None) -> tuple[Lab, LabInfo]:
-    """A fresh lab for ``inventory`` (``dhcp``: the lab's DHCP mode), or pytest.fail."""
+def start_lab(
+    inventory: Path,
+    *,
+    dhcp: str | None = None,
+    release: str | None = None,
+    node_releases: Mapping[str, str] | None = None,
+) -> tuple[Lab, LabInfo]:
+    """A fresh lab for ``inventory`` (``dhcp``: the lab's DHCP mode; ``release``: every
+    node's release, None for the suite's; ``node_releases``: {node: release}), or pytest.fail."""
     if os.geteuid() != 0:
         pytest.fail("the lab tests need root (run scripts/test as root)", pytrace=False)
-    the_lab = Lab(inventory, progress=progress, dhcp=dhcp)
+    the_lab = Lab(inventory, progress=progress, dhcp=dhcp, release=release or suite_release(),
+                  node_releases=node_releases)
     try:
         the_lab.down()  # whatever an interrupted earlier run left behind
         info = the_lab.up()
@@ -69,13 +88,24 @@ def start_lab(inventory: Path, *, dhcp: str | None = None) -> tuple[Lab, LabInfo
     return the_lab, info
 
 
+LabFactory = Callable[..., tuple[Lab, LabInfo]]
+
+
 @pytest.fixture(scope="session")
-def lab_factory() -> Iterator[Callable[[Path], tuple[Lab, LabInfo]]]:
-    """Extra labs (other cluster names) for tests that break or tear down their lab."""
+def lab_factory() -> Iterator[LabFactory]:
+    """Extra labs (other cluster names) for tests that break or tear down their lab,
+    or need a given release: ``lab_factory(inventory, release=..., node_releases=...)``."""
     started: list[Lab] = []
 
-    def make(inventory: Path) -> tuple[Lab, LabInfo]:
-        the_lab, info = start_lab(inventory)
+    def make(
+        inventory: Path,
+        *,
+        release: str | None = None,
+        node_releases: Mapping[str, str] | None = None,
+        dhcp: str | None = None,
+    ) -> tuple[Lab, LabInfo]:
+        the_lab, info = start_lab(inventory, dhcp=dhcp, release=release,
+                                  node_releases=node_releases)
         started.append(the_lab)
         return the_lab, info
 

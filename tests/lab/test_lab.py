@@ -23,8 +23,9 @@ from homeclust.inventory import Inventory
 from homeclust.lab import Lab, LabInfo
 from homeclust.lab.cgroups import node_cgroups
 from homeclust.lab.plan import namespaces_for
+from homeclust.lab.rootfs import DHCP_CLIENT_PACKAGES
 from homeclust.lab.system import ProcessId, is_running, mount_points, read_pidfile, run
-from homeclust.lab.testing import connect, ssh_run
+from homeclust.lab.testing import connect, ssh_run, suite_release
 from tests.lab.helpers import inventory_copy, lab_cluster_name
 
 pytestmark = pytest.mark.lab
@@ -40,7 +41,7 @@ PROBE = (
 )
 HTTP_GET = "exec 3<>/dev/tcp/{host}/{port}; printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3"
 
-LabFactory = Callable[[Path], tuple[Lab, LabInfo]]
+LabFactory = Callable[..., tuple[Lab, LabInfo]]
 
 
 def body(http_response: str) -> str:
@@ -200,8 +201,9 @@ def test_internet_host_tells_callers_their_address(lab: Lab) -> None:
 
 
 def test_lab_dns_answers_for_the_lab_only(lab: Lab) -> None:
-    resolved = lab.exec("master", ["getent", "hosts", "deb.debian.org"]).stdout
-    assert resolved.split()[0] == str(lab.internet_address)
+    for archive in ("deb.debian.org", "security.debian.org"):  # both relayed
+        resolved = lab.exec("master", ["getent", "hosts", archive]).stdout
+        assert resolved.split()[0] == str(lab.internet_address)
     internet = lab.exec("master", ["getent", "hosts", "internet"]).stdout
     assert internet.split()[0] == str(lab.internet_address)
     outside = lab.exec("master", ["getent", "hosts", "example.com"], check=False)
@@ -214,7 +216,12 @@ def test_master_installs_from_upstream_through_the_relay(lab: Lab) -> None:
     try:
         result = lab.exec("master", ["apt-get", "update"], timeout=300, check=False)
         assert result.returncode == 0, result.stdout + result.stderr
-        assert "http://deb.debian.org/debian bookworm" in result.stdout
+        suite = lab.plan.master.release
+        # The installer's three suites, each answered through the relay (none 404s).
+        for source in (f"debian {suite} ", f"debian {suite}-updates ",
+                       f"debian-security {suite}-security "):
+            assert source in result.stdout, (source, result.stdout)
+        assert "Err:" not in result.stdout and "W:" not in result.stderr, result.stderr
         policy = lab.exec("master", ["apt-cache", "policy", "nginx"]).stdout
         assert "Candidate:" in policy and "(none)" not in policy.split("Candidate:")[1][:20]
     finally:
@@ -274,12 +281,19 @@ def test_fresh_nodes_are_minimal_servers(scratch: tuple[Lab, LabInfo]) -> None:
         failed = the_lab.exec(node, ["systemctl", "--failed", "--no-legend"]).stdout
         assert state == "running", failed
     packages = the_lab.exec("master", ["dpkg-query", "-W", "-f", "${Package}\\n"]).stdout.split()
-    assert {"openssh-server", "iproute2", "iptables", "ifupdown", "isc-dhcp-client",
+    release = the_lab.plan.master.release
+    dhcp_client = DHCP_CLIENT_PACKAGES[release]  # the release's own: dhclient or dhcpcd
+    assert {"openssh-server", "iproute2", "iptables", "ifupdown", dhcp_client,
             "systemd"} <= set(packages)
     assert not {"iptables-persistent", "netfilter-persistent", "nginx", "openmpi-bin",
                 "slurmctld", "slurmd", "fail2ban", "tcpdump", "nmap"} & set(packages)
-    dhclient = the_lab.exec("master", ["cat", "/etc/dhcp/dhclient.conf"]).stdout
-    assert 'send dhcp-client-identifier "cluster-master";' in dhclient
+    assert not (set(DHCP_CLIENT_PACKAGES.values()) - {dhcp_client}) & set(packages)
+    if dhcp_client == "isc-dhcp-client":
+        dhclient = the_lab.exec("master", ["cat", "/etc/dhcp/dhclient.conf"]).stdout
+        assert 'send dhcp-client-identifier "cluster-master";' in dhclient
+    else:
+        dhcpcd = the_lab.exec("master", ["cat", "/etc/dhcpcd.conf"]).stdout
+        assert dhcpcd.endswith("interface eth0\nclientid 63:6c:75:73:74:65:72:2d:6d:61:73:74:65:72\n")
 
 
 def test_reset_gives_a_pristine_node_with_a_new_host_key(scratch: tuple[Lab, LabInfo]) -> None:
@@ -344,12 +358,13 @@ def test_down_leaves_no_namespace_link_mount_or_process(scratch: tuple[Lab, LabI
 
 def test_down_cleans_up_after_a_crash_half_way(lab: Lab, tmp_path: Path) -> None:
     inventory = inventory_copy(tmp_path, "labcrash", workers=2)
-    the_lab = Lab(inventory)
+    the_lab = Lab(inventory, release=suite_release())
     the_lab.down()
     root_before = root_namespace_snapshot()
     # `lab up` in a process of its own, killed hard while the nodes are booting.
     up = subprocess.Popen(
-        [sys.executable, "-m", "homeclust.lab.cli", "-i", str(inventory), "lab", "up"],
+        [sys.executable, "-m", "homeclust.lab.cli", "-i", str(inventory), "lab", "up",
+         "--release", suite_release()],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:

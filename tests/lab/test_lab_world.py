@@ -9,7 +9,9 @@
   address.  Changing the client id and asking again without releasing the
   old lease gets nothing; releasing under the old configuration first hands
   the address to the new identity.  dhclient is driven by hand inside the
-  master (not through homeclust's network step).
+  master (not through homeclust's network step), so that lab's master runs
+  bookworm whatever the suite's release (test_lab_releases.py boots a trixie
+  master, dhcpcd, on a home router).
 
 Two labs of this module's own (a master each, a few seconds to build): one
 with the default DHCP server for the mirror and uplink tests, one home-router
@@ -239,7 +241,7 @@ class RouterMaster:
 @pytest.fixture(scope="module")
 def router_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     inventory = inventory_copy(tmp_path_factory.mktemp("router"), "labrouter", workers=0)
-    the_lab, _ = start_lab(inventory, dhcp="router")
+    the_lab, _ = start_lab(inventory, dhcp="router", release="bookworm")  # dhclient by hand
     try:
         yield the_lab
     finally:

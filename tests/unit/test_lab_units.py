@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
+import re
 import tomllib
+import uuid
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 import pytest
 import tomli_w
+from click.testing import CliRunner
 
-from homeclust.errors import LabError
+from homeclust.cli import cli
+from homeclust.errors import LabError, UsageError
+from homeclust.facts import parse_facts
 from homeclust.inventory import Inventory, load_inventory
 from homeclust.lab import render, uplink
+from homeclust.lab.lab import Lab, LabStatus, NodeStatus, describe_releases
 from homeclust.lab.nodes import nspawn_argv, write_first_boot_files
 from homeclust.lab.plan import (
+    RELEASES,
     LabPlan,
     choose_institute_network,
     cluster_slug,
@@ -25,12 +33,16 @@ from homeclust.lab.plan import (
     machine_name,
     make_plan,
     namespaces_for,
+    state_dir_for,
 )
-from homeclust.lab.rootfs import BASE_PACKAGES, Recipe
+from homeclust.lab.rootfs import BASE_PACKAGES, Recipe, recipe_for
 from homeclust.lab.services import lab_services
 from homeclust.lab.state import LabPaths, LabState
 from homeclust.lab.supervisor import SupervisorSpec
 from homeclust.lab.system import ProcessId
+from homeclust.quoting import dnsmasq_client_id
+from tests.lab import capture_fresh_facts as fresh_facts
+from tests.unit.factsbuilder import parse_recorded
 
 REPO = Path(__file__).resolve().parents[2]
 GUIDE_INVENTORY = REPO / "inventory.toml"
@@ -137,7 +149,7 @@ def test_dnsmasq_serves_the_lab_only(plan: LabPlan, tmp_path: Path) -> None:
     assert "no-resolv" in lines
     assert "no-hosts" in lines
     assert not any(line.startswith("server=") for line in lines)
-    assert "address=/deb.debian.org/10.77.0.1" in lines
+    assert "address=/deb.debian.org/security.debian.org/10.77.0.1" in lines
     # The client id as the bytes dhclient sends for "cluster-master" (no quoting in dnsmasq).
     assert ("dhcp-host=id:63:6c:75:73:74:65:72:2d:6d:61:73:74:65:72,10.77.0.10,master"
             in lines)
@@ -202,9 +214,85 @@ def test_dhclient_conf_sends_the_client_id() -> None:
     assert 'interface "eth0" {\n    send dhcp-client-identifier "cluster-master";\n}\n' in text
 
 
+def dhcpcd_sent_client_id(conf: str, interface: str) -> bytes | None:
+    """The client id dhcpcd sends on ``interface`` for ``conf``, read as dhcpcd 10.1 does.
+
+    if-options.c: options after ``interface NAME`` are that interface's; a
+    ``clientid`` value of hex pairs (":" or "-" separated, two bytes at least) is
+    those bytes, anything else a string with a type byte 0 in front.
+    """
+    block: str | None = None
+    sent: bytes | None = None
+    for line in conf.splitlines():
+        words = line.split(None, 1)
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "interface":
+            block = words[1].strip()
+        elif words[0] == "clientid" and block in (None, interface):
+            value = words[1].strip() if len(words) > 1 else ""
+            pairs = value.replace(":", "").replace("-", "")
+            hex_form = (len(pairs) >= 4 and len(pairs) % 2 == 0
+                        and all(c in "0123456789abcdefABCDEF" for c in pairs))
+            sent = bytes.fromhex(pairs) if hex_form else b"\0" + value.strip('"').encode()
+    return sent
+
+
+@pytest.mark.parametrize("client_id", [
+    "cluster-master", "ab", "01:52:54:00:12:34:56", "cafe", "m" * 48,
+])
+def test_dhcpcd_conf_sends_exactly_the_client_id_bytes(client_id: str) -> None:
+    base = "hostname\nduid\npersistent\nslaac private\n"
+    text = render.render_dhcpcd_conf(base, "eth0", client_id)
+    assert text.startswith(base)
+    assert dhcpcd_sent_client_id(text, "eth0") == client_id.encode()  # as dhclient sends it
+    assert dhcpcd_sent_client_id(text, "eth1") is None  # the private side: dhcpcd's own
+    assert text.rstrip("\n").splitlines()[-2:] == [
+        "interface eth0", f"clientid {dnsmasq_client_id(client_id)}"]
+
+
+def test_a_text_clientid_would_get_a_type_byte_in_front() -> None:
+    # The reason for the hex form: the same id as text is not what the server reserved.
+    assert dhcpcd_sent_client_id("interface eth0\nclientid cluster-master\n", "eth0") == (
+        b"\0cluster-master")
+
+
+@pytest.mark.parametrize("client_id", ["m", "m" * 49])
+def test_dhcpcd_cannot_send_some_client_ids_as_they_are(client_id: str) -> None:
+    with pytest.raises(LabError, match=f"{len(client_id)} bytes; it takes 2 to 48"):
+        render.render_dhcpcd_conf("", "eth0", client_id)
+
+
+def test_ifupdown_runs_the_first_dhcp_client_it_finds() -> None:
+    assert render.ifupdown_dhcp_client(["dhcpcd"]) == "dhcpcd"
+    assert render.ifupdown_dhcp_client(["dhclient"]) == "dhclient"
+    assert render.ifupdown_dhcp_client(["dhcpcd", "dhclient"]) == "dhclient"
+    assert render.ifupdown_dhcp_client([]) is None
+
+
 def test_hosts_and_resolv_conf() -> None:
     assert "127.0.1.1\tworker1\n" in render.render_hosts("worker1")
     assert render.render_resolv_conf(IPv4Address("10.77.0.1")) == "nameserver 10.77.0.1\n"
+
+
+def deb822(text: str) -> list[dict[str, str]]:
+    stanzas = []
+    for block in text.strip().split("\n\n"):
+        fields = [line.split(":", 1) for line in block.splitlines() if not line.startswith("#")]
+        stanzas.append({key: value.strip() for key, value in fields})
+    return stanzas
+
+
+def test_debian_sources_are_deb822_with_the_three_suites_signed_by_the_keyring() -> None:
+    stanzas = deb822(render.render_debian_sources("trixie"))
+    assert [(s["URIs"], s["Suites"]) for s in stanzas] == [
+        ("http://deb.debian.org/debian/", "trixie trixie-updates"),
+        ("http://security.debian.org/debian-security/", "trixie-security"),
+    ]
+    for stanza in stanzas:
+        assert set(stanza) == {"Types", "URIs", "Suites", "Components", "Signed-By"}
+        assert (stanza["Types"], stanza["Components"]) == ("deb", "main")
+        assert stanza["Signed-By"] == "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 
 def test_sources_list_has_the_three_debian_suites() -> None:
@@ -280,6 +368,68 @@ def test_recipe_fingerprint_is_stable_and_follows_the_recipe() -> None:
     files = dict(base.files)
     files["etc/motd"] = "hello\n"
     assert Recipe(files=files).fingerprint() != base.fingerprint()
+
+
+def test_an_unused_remove_field_leaves_a_recipes_hash_as_it_was() -> None:
+    recipe = Recipe()
+    before = {k: v for k, v in dataclasses.asdict(recipe).items() if k != "remove"}
+    canonical = json.dumps(before, sort_keys=True)
+    assert recipe.fingerprint() == hashlib.sha256(canonical.encode()).hexdigest()[:16]
+    assert Recipe(remove=("etc/motd",)).fingerprint() != recipe.fingerprint()
+
+
+def test_each_release_has_its_own_recipe() -> None:
+    bookworm, trixie = recipe_for("bookworm"), recipe_for("trixie")
+    assert bookworm == Recipe()  # unchanged: the cached bookworm rootfs stays valid
+    assert bookworm.fingerprint() != trixie.fingerprint()
+    assert (bookworm.suite, trixie.suite) == ("bookworm", "trixie")
+    # Each release's DHCP client as its installer leaves it; nothing else differs.
+    assert set(trixie.packages) ^ set(bookworm.packages) == {"dhcpcd-base", "isc-dhcp-client"}
+    assert "dhcpcd-base" in trixie.packages
+    # trixie: deb822 sources only (debootstrap's one-line sources.list removed).
+    assert "etc/apt/sources.list" in trixie.remove and "etc/apt/sources.list" not in trixie.files
+    assert trixie.files["etc/apt/sources.list.d/debian.sources"] == (
+        render.render_debian_sources("trixie"))
+    assert bookworm.files["etc/apt/sources.list"] == render.render_sources_list("bookworm")
+    assert not bookworm.remove
+    shared = set(bookworm.files) & set(trixie.files)
+    assert {path: bookworm.files[path] for path in shared} == {
+        path: trixie.files[path] for path in shared}
+    assert set(RELEASES) == {"trixie", "bookworm"}
+    with pytest.raises(LabError, match="no rootfs recipe for release 'buster'"):
+        recipe_for("buster")
+
+
+@pytest.mark.parametrize("role", ["master", "worker"])
+@pytest.mark.parametrize("version, release", [("12", "bookworm"), ("13", "trixie")])
+def test_recorded_fresh_nodes_are_what_the_lab_makes(
+    tmp_path: Path, version: str, release: str, role: str
+) -> None:
+    """tests/fixtures/lab-facts/debianNN-ROLE-fresh.txt: recorded from fresh lab nodes
+    (tests/lab/capture_fresh_facts.py); re-record them when the lab's files change."""
+    text = (REPO / f"tests/fixtures/lab-facts/debian{version}-{role}-fresh.txt").read_text()
+    recorded = parse_recorded(text)  # factsbuilder's own reader: round trip and checksums
+    node = "master" if role == "master" else "worker1"
+    inventory = load_inventory(fresh_facts.inventory_for(tmp_path, "hcfresh"))
+    facts = parse_facts(text, fresh_facts.node_query(inventory, node))
+    assert (facts.os.id, facts.os.version_id, facts.hostname) == ("debian", version, node)
+    assert f"({release})" in facts.os.pretty_name
+    client, other = (("dhcpcd-base", "isc-dhcp-client") if release == "trixie"
+                     else ("isc-dhcp-client", "dhcpcd-base"))
+    assert client in facts.packages and other not in facts.packages
+    assert set(recorded.files) == set(facts.files)
+    if release == "trixie":
+        assert facts.file_text("/etc/apt/sources.list.d/debian.sources") == (
+            render.render_debian_sources("trixie"))
+        assert "/etc/apt/sources.list" not in facts.files
+        dhcpcd = facts.file_text("/etc/dhcpcd.conf") or ""
+        sent = dhcpcd_sent_client_id(dhcpcd, "eth0")
+        assert sent == (b"cluster-master" if role == "master" else None)
+    else:
+        assert facts.file_text("/etc/apt/sources.list") == render.render_sources_list("bookworm")
+        assert "/etc/dhcpcd.conf" not in facts.files
+        dhclient = facts.file_text("/etc/dhcp/dhclient.conf") or ""
+        assert ('send dhcp-client-identifier "cluster-master";' in dhclient) is (role == "master")
 
 
 def test_recipe_is_a_fresh_minimal_server() -> None:
@@ -373,20 +523,57 @@ def test_dhcp_mode_errors(inventory: Inventory, tmp_path: Path) -> None:
         make_plan(_static_inventory(tmp_path), LAB_NET, 20222, tmp_path, dhcp_mode="router")
 
 
-def test_router_mode_first_boot_dhclient_conf_is_the_installers(
+def fake_root(path: Path, programs: tuple[str, ...], files: dict[str, str]) -> Path:
+    """A node's root with ``programs`` in /usr/sbin (merged /usr) and ``files``."""
+    (path / "usr/sbin").mkdir(parents=True)
+    (path / "sbin").symlink_to("usr/sbin")
+    for program in programs:
+        (path / "usr/sbin" / program).write_text("#!/bin/sh\n")
+    for relative, content in files.items():
+        (path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (path / relative).write_text(content)
+    return path
+
+
+DHCLIENT_BASE = "# Debian's dhclient.conf\nsend host-name = gethostname();\n"
+DHCPCD_BASE = "# A sample configuration for dhcpcd.\nhostname\nduid\npersistent\n"
+
+
+@pytest.mark.parametrize("mode", ["reserved", "router"])
+def test_first_boot_gives_the_client_id_to_the_nodes_own_dhcp_client(
+    inventory: Inventory, tmp_path: Path, mode: str
+) -> None:
+    plan = make_plan(inventory, LAB_NET, 20222, tmp_path, dhcp_mode=mode)
+    files = {"etc/dhcp/dhclient.conf": DHCLIENT_BASE, "etc/dhcpcd.conf": DHCPCD_BASE}
+    reserved = mode == "reserved"
+    # bookworm: dhclient.  trixie: dhcpcd.  Both: dhclient, as ifupdown picks it.
+    for programs, configured in ((("dhclient",), "dhclient"), (("dhcpcd",), "dhcpcd"),
+                                 (("dhcpcd", "dhclient"), "dhclient")):
+        root = fake_root(tmp_path / mode / "-".join(programs), programs, files)
+        write_first_boot_files(plan, plan.master, root, "ssh-ed25519 AAAA lab")
+        dhclient = (root / "etc/dhcp/dhclient.conf").read_text()
+        dhcpcd = (root / "etc/dhcpcd.conf").read_text()
+        if reserved and configured == "dhclient":
+            assert 'send dhcp-client-identifier "cluster-master";' in dhclient
+            assert dhcpcd == DHCPCD_BASE
+        elif reserved:
+            assert dhcpcd_sent_client_id(dhcpcd, "eth0") == b"cluster-master"
+            assert dhclient == DHCLIENT_BASE
+        else:  # a home router: each client's packaged configuration, untouched
+            assert (dhclient, dhcpcd) == (DHCLIENT_BASE, DHCPCD_BASE)
+    for worker in plan.nodes[1:]:  # workers are static: no DHCP client configuration
+        root = fake_root(tmp_path / mode / worker.name, ("dhcpcd",), files)
+        write_first_boot_files(plan, worker, root, "ssh-ed25519 AAAA lab")
+        assert (root / "etc/dhcpcd.conf").read_text() == DHCPCD_BASE
+
+
+def test_first_boot_without_a_known_dhcp_client_is_an_error(
     inventory: Inventory, tmp_path: Path
 ) -> None:
-    base = "# Debian's dhclient.conf\nsend host-name = gethostname();\n"
-    for mode, has_client_id in (("reserved", True), ("router", False)):
-        plan = make_plan(inventory, LAB_NET, 20222, tmp_path, dhcp_mode=mode)
-        root = tmp_path / mode
-        (root / "etc/dhcp").mkdir(parents=True)
-        (root / "etc/dhcp/dhclient.conf").write_text(base)
+    plan = make_plan(inventory, LAB_NET, 20222, tmp_path)
+    root = fake_root(tmp_path / "udhcpc", ("udhcpc",), {})
+    with pytest.raises(LabError, match=r"no DHCP client the lab can give a client id \(udhcpc\)"):
         write_first_boot_files(plan, plan.master, root, "ssh-ed25519 AAAA lab")
-        text = (root / "etc/dhcp/dhclient.conf").read_text()
-        assert ("dhcp-client-identifier" in text) is has_client_id, mode
-        if not has_client_id:
-            assert text == base
 
 
 def test_lab_state_reads_states_written_before_the_dhcp_mode(tmp_path: Path) -> None:
@@ -400,6 +587,96 @@ def test_lab_state_reads_states_written_before_the_dhcp_mode(tmp_path: Path) -> 
     paths.state_file.write_text(json.dumps(data))
     loaded = LabState.load(paths)
     assert loaded is not None and loaded.dhcp == "reserved"
+
+
+def test_plan_gives_every_node_the_lab_release_unless_named(inventory: Inventory,
+                                                            tmp_path: Path) -> None:
+    plan = make_plan(inventory, LAB_NET, 20222, tmp_path)
+    assert {n.release for n in plan.nodes} == {"trixie"}  # the current stable by default
+    assert plan.releases == ("trixie",)
+    mixed = make_plan(inventory, LAB_NET, 20222, tmp_path, release="bookworm",
+                      node_releases={"master": "trixie", "worker3": "trixie"})
+    assert [(n.name, n.release) for n in mixed.nodes] == [
+        ("master", "trixie"), ("worker1", "bookworm"), ("worker2", "bookworm"),
+        ("worker3", "trixie")]
+    assert mixed.releases == ("trixie", "bookworm")
+    # Nothing else about the plan depends on releases.
+    assert dataclasses.replace(mixed, nodes=plan.nodes) == dataclasses.replace(
+        plan, nodes=plan.nodes)
+    assert [dataclasses.replace(n, release="trixie") for n in mixed.nodes] == list(plan.nodes)
+
+
+@pytest.mark.parametrize("release, node_releases, message", [
+    ("buster", {}, r"unknown lab release 'buster'.*one of: trixie, bookworm"),
+    ("trixie", {"worker9": "bookworm"}, r"no node named 'worker9' in the inventory's cluster"),
+    ("trixie", {"worker1": "sid"}, r"unknown release for node worker1: 'sid'"),
+])
+def test_bad_releases_are_refused_naming_what_is_wrong(
+    inventory: Inventory, tmp_path: Path, release: str, node_releases: dict[str, str],
+    message: str
+) -> None:
+    with pytest.raises(LabError) as raised:
+        make_plan(inventory, LAB_NET, 20222, tmp_path, release=release,
+                  node_releases=node_releases)
+    assert re.search(message, str(raised.value), re.S), str(raised.value)
+
+
+def test_lab_state_of_a_lab_before_releases_is_a_bookworm_lab(tmp_path: Path) -> None:
+    paths = LabPaths(tmp_path)
+    old = {"cluster": "c", "source_inventory": "i", "institute_network": "10.77.0.0/24",
+           "ssh_port": 1, "rootfs": "/r", "phase": "up", "version": 1, "dhcp": "reserved"}
+    paths.state_file.write_text(json.dumps(old))
+    loaded = LabState.load(paths)
+    assert loaded is not None
+    assert (loaded.release, loaded.node_releases, loaded.rootfs_of("bookworm")) == (
+        "bookworm", {}, "/r")
+    with pytest.raises(LabError, match="no trixie rootfs recorded"):
+        loaded.rootfs_of("trixie")
+    mixed = dataclasses.replace(loaded, release="trixie", node_releases={"worker1": "bookworm"},
+                                rootfs_by_release={"trixie": "/t", "bookworm": "/b"})
+    mixed.save(paths)
+    assert LabState.load(paths) == mixed
+    assert (mixed.rootfs_of("trixie"), mixed.rootfs_of("bookworm")) == ("/t", "/b")
+    paths.state_file.write_text(json.dumps({**old, "from_the_future": 1}))
+    with pytest.raises(LabError, match="cannot read the lab state"):
+        LabState.load(paths)
+
+
+def test_status_and_summary_name_each_nodes_release() -> None:
+    assert describe_releases([("master", "trixie"), ("worker1", "trixie")]) == "trixie"
+    assert describe_releases([("master", "trixie"), ("worker1", "bookworm"),
+                              ("worker2", "trixie")]) == (
+        "trixie (master, worker2), bookworm (worker1)")
+    status = LabStatus(cluster="c", phase="up", nodes=(
+        NodeStatus("master", "master", True, 7, release="trixie"),
+        NodeStatus("worker1", "worker", False, None, release="bookworm")))
+    lines = status.describe().splitlines()
+    assert [line.split()[:3] for line in lines if line.startswith("    ")][:2] == [
+        ["master", "master", "trixie"], ["worker1", "worker", "bookworm"]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--release", "buster"], "unknown lab release 'buster'"),
+    (["--node-release", "worker9=bookworm"], "no node named 'worker9'"),
+    (["--node-release", "worker1"], "'worker1' is not NODE=RELEASE"),
+    (["--node-release", "worker1=sid"], "unknown release for node worker1: 'sid'"),
+])
+def test_lab_up_with_a_bad_release_is_a_usage_error_and_creates_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    def never(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the bad option reached Lab.up")
+
+    monkeypatch.setattr(Lab, "up", never)
+    raw = tomllib.loads(GUIDE_INVENTORY.read_text())
+    raw["cluster"]["name"] = f"hcunit-badrelease-{uuid.uuid4().hex[:8]}"
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text(tomli_w.dumps(raw))
+    result = CliRunner().invoke(cli, ["-i", str(inventory), "lab", "up", *args])
+    assert isinstance(result.exception, UsageError), result.output
+    assert result.exception.exit_code == 2
+    assert message in str(result.exception)
+    assert not state_dir_for(raw["cluster"]["name"]).exists()
 
 
 # ----------------------------------------------------------------- uplink
