@@ -81,6 +81,14 @@ def _reporter(console: Console | None, options: Options) -> Reporter:
     return LineReporter()
 
 
+def first_use_notice(reporter: Reporter) -> Callable[[str], None]:
+    """Where a first-use host key pin is shown: with the run's progress, or -- with
+    ``--json``, whose stdout is for machines -- on stderr; never only in the log."""
+    if isinstance(reporter, QuietReporter):
+        return lambda text: print(text, file=sys.stderr, flush=True)
+    return reporter.message
+
+
 def run(command: Command, inventory_path: str | Path, options: Options, *,
         console: Console | None = None, connector: Connector | None = None,
         reporter: Reporter | None = None) -> RunResult:
@@ -91,7 +99,8 @@ def run(command: Command, inventory_path: str | Path, options: Options, *,
         "check" if command == "check" else "apply")
     runlog = RunLog.for_run(prepared.inventory.state_dir, "up" if mode == "apply" else mode)
     owned = connector is None
-    connector = connector or SshConnector(prepared.inventory, on_retry=reporter.message)
+    connector = connector or SshConnector(prepared.inventory, on_retry=reporter.message,
+                                          on_first_use=first_use_notice(reporter))
     runner = Runner(prepared.inventory, prepared.steps, prepared.nodes, connector=connector,
                     reporter=reporter, runlog=runlog, forks=options.forks,
                     requested=requested_steps(options.only))
@@ -128,7 +137,8 @@ def execute(command: Command, inventory_path: str | Path, options: Options) -> i
 def show_facts(inventory_path: str | Path, hosts: Sequence[str], *, as_json: bool) -> int:
     prepared = prepare(inventory_path, Options(only=(), hosts=hosts))
     reporter = QuietReporter() if as_json else LineReporter()
-    connector = SshConnector(prepared.inventory, on_retry=reporter.message)
+    connector = SshConnector(prepared.inventory, on_retry=reporter.message,
+                             on_first_use=first_use_notice(reporter))
     runner = Runner(prepared.inventory, prepared.steps, prepared.nodes, connector=connector,
                     reporter=reporter, runlog=RunLog(None))
     try:

@@ -38,8 +38,17 @@ class FileChange:
     reason: str = ""
     #: Secret content (keys, credentials): never shown in a diff nor written to a log.
     secret: bool = False
+    #: The account that writes (or removes) the file, for files in a directory it controls
+    #: (a cluster user's home): root never acts there itself, so a link planted there
+    #: gets the account only what it could do anyway.  The file is the account's own.
+    run_as: str | None = None
 
     kind: Literal["file"] = field(default="file", init=False)
+
+    def __post_init__(self) -> None:
+        if self.run_as is not None and (self.run_as == "root" or self.owner != self.run_as):
+            raise ValueError(f"{self.path}: a file written as {self.run_as} is owned by it "
+                             "(and root writes its own files itself)")
 
     @property
     def description(self) -> str:
@@ -146,6 +155,37 @@ def diff_text(changes: Sequence[Change]) -> str:
 
 # --------------------------------------------------------------------------- shell
 
+#: Shell function ``hc_as ACCOUNT COMMAND...``: run COMMAND as ACCOUNT -- its uid, its
+#: primary group, no other group -- in ``/``.  Whatever that command does to paths ACCOUNT
+#: controls (links, directories swapped meanwhile) is only what ACCOUNT could do itself.
+#: ``setpriv`` (util-linux on both families) needs no PAM session; ``runuser`` is the fallback.
+AS_ACCOUNT_SH = """\
+hc_as() {
+  hc_u=$(id -u "$1" 2>/dev/null) && hc_g=$(id -g "$1" 2>/dev/null) && [ "$hc_u" != 0 ] || {
+    echo "homeclust: no account $1 to act as (or it is root)"; return 1; }
+  hc_who=$1; shift
+  if command -v setpriv >/dev/null 2>&1; then
+    (cd / && exec setpriv --reuid="$hc_u" --regid="$hc_g" --clear-groups -- "$@")
+  else
+    (cd / && exec runuser -u "$hc_who" -- "$@")
+  fi
+}
+"""
+
+#: Run as the account by ``hc_file`` (stdin: the content; ``$1`` path, ``$2`` mode): the same
+#: atomic write, with a temporary file only that account can have made.  Exit 2: unchanged.
+_WRITE_AS_ACCOUNT = """\
+umask 077
+d=$(dirname "$1"); [ -d "$d" ] || mkdir -p "$d" || exit 1
+t=$(mktemp "$d/.homeclust-tmp.XXXXXX") || exit 1
+cat > "$t" && chmod "$2" "$t" || { rm -f "$t"; exit 1; }
+if [ -f "$1" ] && [ ! -L "$1" ] && cmp -s "$t" "$1" && \\
+   [ "$(stat -c '%a %u %g' "$1")" = "$(stat -c '%a %u %g' "$t")" ]; then
+  rm -f "$t"; exit 2
+fi
+mv -f "$t" "$1" || { rm -f "$t"; exit 1; }
+"""
+
 _PRELUDE = f"""\
 exec 2>&1
 export LC_ALL=C PATH={HOST_PATH}
@@ -155,25 +195,92 @@ hc_was_changed() {{
   for p in "$@"; do case "$hc_changed" in *" $p "*) return 0;; esac; done
   return 1
 }}
+{AS_ACCOUNT_SH}hc_run_as() {{
+  # hc_as, with what the account's command prints indented: it can never pass for a marker.
+  hc_out=$(hc_as "$@" 2>&1); hc_rc=$?
+  [ -z "$hc_out" ] || printf '%s\\n' "$hc_out" | sed 's/^/  /'
+  return $hc_rc
+}}
+hc_root_only() {{
+  # Whether only root can change what directory $1 is (or will be once made): every
+  # directory on its real path is root's and writable by nobody else (a sticky one, like
+  # /tmp, only above the last one that exists).  Root never writes anywhere else.
+  hc_dir=$1
+  hc_p=$(readlink -m "$hc_dir") || return 1
+  set --
+  while :; do
+    [ -d "$hc_p" ] && set -- "$hc_p" "$@"
+    [ -z "$hc_p" ] && break
+    hc_p=${{hc_p%/*}}
+  done
+  [ -d / ] && set -- / "$@"
+  hc_last=$#
+  hc_bad=$(stat -c '%u %G %a %n' -- "$@" | {{
+    i=0
+    while read -r uid group mode name; do
+      i=$((i + 1))
+      [ "$uid" = 0 ] || {{ echo "$name"; continue; }}
+      # Writable by its group: only root's group, or Debian's staff (root-equivalent by
+      # Debian's own account, for /usr/local on systems installed before bookworm).
+      case $mode in
+        *[2367]) ;;
+        *[2367]?) case $group in root|staff) continue;; esac;;
+        *) continue;;
+      esac
+      # Writable by anyone: a sticky directory (/tmp) above the last one only.
+      case $mode in [1357]???) [ "$i" -lt "$hc_last" ] && continue;; esac
+      echo "$name"
+    done; }})
+  [ -z "$hc_bad" ] && return 0
+  echo "homeclust: refusing to write as root under $hc_dir: $(printf '%s' "$hc_bad" | head -1) is \\
+not root's alone (another account could swap what it holds)"
+  return 1
+}}
 hc_file() {{
-  # path mode owner group base64-content: write atomically, report whether it changed
-  dir=$(dirname "$1"); [ -d "$dir" ] || mkdir -p "$dir" || return 1
-  tmp="$1.homeclust-tmp.$$"
+  # path mode owner group base64-content [account]: write atomically, report whether it
+  # changed.  With an account, the account writes it (a file of its own, in a directory it
+  # controls); otherwise root does, only where nobody else controls the directory.
+  if [ -n "${{6:-}}" ]; then
+    printf '%s' "$5" | base64 -d | hc_run_as "$6" sh -c {shlex.quote(_WRITE_AS_ACCOUNT)} sh "$1" "$2"
+    hc_rc=$?
+    [ $hc_rc = 0 ] && hc_changed="$hc_changed$1 "
+    return $hc_rc
+  fi
+  dir=$(dirname "$1")
+  hc_root_only "$dir" || return 1
+  [ -d "$dir" ] || mkdir -p "$dir" || return 1
+  tmp=$(mktemp "$dir/.homeclust-tmp.XXXXXX") || return 1
   printf '%s' "$5" | base64 -d > "$tmp" || {{ rm -f "$tmp"; return 1; }}
-  chown "$3:$4" "$tmp" && chmod "$2" "$tmp" || {{ rm -f "$tmp"; return 1; }}
-  if [ -f "$1" ] && cmp -s "$tmp" "$1" && \\
+  chown -h "$3:$4" "$tmp" && chmod "$2" "$tmp" || {{ rm -f "$tmp"; return 1; }}
+  if [ -f "$1" ] && [ ! -L "$1" ] && cmp -s "$tmp" "$1" && \\
      [ "$(stat -c '%a %U %G' "$1")" = "$(stat -c '%a %U %G' "$tmp")" ]; then
     rm -f "$tmp"; return 2
   fi
-  mv -f "$tmp" "$1" || return 1
+  mv -f "$tmp" "$1" || {{ rm -f "$tmp"; return 1; }}
   hc_changed="$hc_changed$1 "
 }}
 hc_absent() {{
+  # path [account]: remove it (a link itself, never what it points to).
+  if [ -n "${{2:-}}" ]; then
+    hc_run_as "$2" sh -c '[ -e "$1" ] || [ -L "$1" ] || exit 2; rm -f "$1"' sh "$1"
+    hc_rc=$?
+    [ $hc_rc = 0 ] && hc_changed="$hc_changed$1 "
+    return $hc_rc
+  fi
   [ -e "$1" ] || [ -L "$1" ] || return 2
+  hc_root_only "$(dirname "$1")" || return 1
   rm -f "$1" || return 1
   hc_changed="$hc_changed$1 "
 }}
 """
+
+
+def as_account(account: str, command: str) -> str:
+    """``command`` run by a batch as ``account`` (see :data:`AS_ACCOUNT_SH`): for everything
+    done in a directory that account controls, which root must never act in itself."""
+    if account == "root":
+        return command
+    return f"hc_run_as {shlex.quote(account)} sh -c {shlex.quote(command)}"
 
 
 #: What stands for a secret file's content in a script written to the run log.
@@ -182,13 +289,14 @@ REDACTED_CONTENT = "SECRET-NOT-LOGGED"
 
 def _file_shell(change: FileChange, *, redact: bool = False) -> str:
     path = shlex.quote(change.path)
+    account = f" {shlex.quote(change.run_as)}" if change.run_as else ""
     if change.content is None:
-        return f"hc_absent {path}"
+        return f"hc_absent {path}{account}"
     encoded = (REDACTED_CONTENT if redact and change.secret
                else base64.b64encode(change.content.encode()).decode())
     return (
         f"hc_file {path} {change.mode:o} {shlex.quote(change.owner)} "
-        f"{shlex.quote(change.group)} {encoded}"
+        f"{shlex.quote(change.group)} {encoded}{account}"
     )
 
 

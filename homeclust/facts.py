@@ -16,14 +16,16 @@ files answers as fast, and with as few bytes, as a minimal one.
 from __future__ import annotations
 
 import base64
+import fnmatch
 import hashlib
 import re
 import shlex
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, ip_address
 from typing import Any, Generic, TypeVar, cast
 
+from homeclust.changes import AS_ACCOUNT_SH
 from homeclust.errors import FactError
 
 MARKER = "@@homeclust-fact@@"
@@ -52,6 +54,7 @@ class Fact(Generic[_T]):
 _PACKAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._-]*$")
 _UNIT_NAME_RE = re.compile(r"^[A-Za-z0-9:_.@\\-]+\.(service|socket|timer|target|path|mount)$")
 _SYSCTL_RE = re.compile(r"^[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+$")
+_ACCOUNT_RE = re.compile(r"^[a-z_][a-z0-9_-]*$")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,11 @@ class FactQuery:
 
     paths: frozenset[str] = frozenset()
     secret_paths: frozenset[str] = frozenset()
+    #: ``(account, path)``: files in a directory that account controls (a cluster user's
+    #: home), read *as that account*: a link or a directory it swaps in shows only what it
+    #: could read itself, and its answer is checked to be about those paths alone.
+    account_paths: frozenset[tuple[str, str]] = frozenset()
+    account_secret_paths: frozenset[tuple[str, str]] = frozenset()
     units: frozenset[str] = frozenset()
     packages: frozenset[str] = frozenset()
     sysctls: frozenset[str] = frozenset()
@@ -75,6 +83,10 @@ class FactQuery:
 
     def __post_init__(self) -> None:
         for path in self.paths | self.secret_paths:
+            _glob_word(path)
+        for account, path in self.account_paths | self.account_secret_paths:
+            if not _ACCOUNT_RE.match(account) or account == "root":
+                raise ValueError(f"not an account to read files as: {account!r}")
             _glob_word(path)
         for unit in self.units:
             if not _UNIT_NAME_RE.match(unit):
@@ -98,6 +110,8 @@ class FactQuery:
         return FactQuery(
             paths=self.paths | other.paths,
             secret_paths=self.secret_paths | other.secret_paths,
+            account_paths=self.account_paths | other.account_paths,
+            account_secret_paths=self.account_secret_paths | other.account_secret_paths,
             units=self.units | other.units,
             packages=self.packages | other.packages,
             sysctls=self.sysctls | other.sysctls,
@@ -222,11 +236,14 @@ class HostFacts:
     sysctls: Mapping[str, Sysctl]
     packages: Mapping[str, str]  # name -> version (installed only)
     services: Mapping[str, ServiceState]
-    files: Mapping[str, FileFact]  # only files that exist
+    files: Mapping[str, FileFact]  # only regular files that exist
     commands: frozenset[str]
     ssh_peer: SshPeer | None
     transactions: tuple[Transaction, ...] = ()
     extra: Mapping[str, object] = field(default_factory=dict)
+    #: Managed paths that are symbolic links -> their target (never read through: what a
+    #: link means is the step's decision, see ``steps.base.file_change``).
+    links: Mapping[str, str] = field(default_factory=dict)
 
     def get(self, fact: Fact[_T]) -> _T:
         """The parsed value of a step-specific fact (FactError when it was not asked for)."""
@@ -362,25 +379,66 @@ sec units
 systemctl show --no-pager -p Names -p LoadState -p UnitFileState -p ActiveState -- {words} \\
   2>/dev/null
 """)
+    if query.paths or query.secret_paths or query.account_paths or query.account_secret_paths:
+        parts.append("sec files\n")
     if query.paths or query.secret_paths:
-        words = " ".join(sorted(query.paths | query.secret_paths))
-        secret = "|".join(sorted(query.secret_paths)) or "/nonexistent/homeclust-no-secrets"
-        # One stat for every file and one cat | base64 for every small non-secret one: a
-        # header line per file, then "+SIZE" (its content is in the B line), its own base64
-        # (secret files: the log redacts that line) or "-" with a checksum (too big).
+        parts.append(files_reader(query.paths, query.secret_paths))
+    accounts = sorted({a for a, _ in query.account_paths | query.account_secret_paths})
+    if accounts:
+        parts.append(AS_ACCOUNT_SH)
+    for account in accounts:
+        # The account's answer goes through root's base64: whatever runs as the account,
+        # it cannot write a line of this output; the parser keeps its records only for
+        # the paths asked of it.
+        reader = files_reader({p for a, p in query.account_paths if a == account},
+                              {p for a, p in query.account_secret_paths if a == account})
         parts.append(f"""\
-sec files
+if id -u {shlex.quote(account)} >/dev/null 2>&1; then
+  printf 'U\\t%s\\t' {shlex.quote(account)}
+  hc_as {shlex.quote(account)} sh -c {shlex.quote(reader)} 2>/dev/null | base64 -w0
+  printf '\\n'
+fi
+""")
+    for fact in query.extra:
+        parts.append(f"sec x-{fact.name}\n(\n{fact.command}\n) 2>/dev/null\n")
+    parts.append("sec end\n")
+    return "".join(parts)
+
+def files_reader(paths: Iterable[str], secret_paths: Iterable[str]) -> str:
+    """Shell printing a record per regular file or link among ``paths`` (globs), as whoever
+    runs it (root, or an account: see :class:`FactQuery`).
+
+    One stat for every file and one ``cat | base64`` for every small non-secret one: a
+    header line per file, then ``+SIZE`` (its content is in the B line), its own base64
+    (secret files: the log redacts that line) or ``-`` with a checksum (too big).  A link
+    is an ``L`` record with its target and is never read through: stat's own view decides
+    (a file swapped for a link between the two is a link too).
+    """
+    secret_set = set(secret_paths)
+    words = " ".join(sorted(set(paths) | secret_set))
+    secret = "|".join(sorted(secret_set)) or "/nonexistent/homeclust-no-secrets"
+    return f"""\
+hc_link() {{
+  hc_t=$(readlink -- "$1"); printf 'L\\t%s\\t' "$1"
+  printf '%s' "$hc_t" | tr -c 'A-Za-z0-9/._@+,:=~-' '?'; printf '\\n'
+}}
 set --
 for f in {words}; do
-  [ -f "$f" ] || continue
   case "$f" in *[!A-Za-z0-9/._@+-]*) continue;; esac
+  if [ -L "$f" ]; then hc_link "$f"; continue; fi
+  [ -f "$f" ] || continue
   set -- "$@" "$f"
 done
 if [ $# -gt 0 ]; then
   tab=$(printf '\\t')
-  stats=$(stat --printf '%n\\t%a\\t%U\\t%G\\t%s\\n' -- "$@")
+  stats=$(stat --printf '%n\\t%a\\t%U\\t%G\\t%s\\t%F\\n' -- "$@")
   small=
-  while IFS="$tab" read -r f mode owner group size; do
+  while IFS="$tab" read -r f mode owner group size type; do
+    case "$type" in
+      "symbolic link") hc_link "$f"; continue;;
+      regular*) ;;
+      *) continue;;
+    esac
     case "$f" in {secret}) kind=S;; *) kind=F;; esac
     if [ "$size" -gt {MAX_FILE_CONTENT} ]; then
       printf '%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n-\\n' "$kind" "$f" "$mode" "$owner" "$group" \\
@@ -397,11 +455,7 @@ $stats
 HOMECLUST_STATS_EOF
   if [ -n "$small" ]; then printf 'B\\t'; cat $small | base64 -w0; printf '\\n'; fi
 fi
-""")
-    for fact in query.extra:
-        parts.append(f"sec x-{fact.name}\n(\n{fact.command}\n) 2>/dev/null\n")
-    parts.append("sec end\n")
-    return "".join(parts)
+"""
 
 
 _SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9/._*?\[\]-]*$")
@@ -453,6 +507,7 @@ def parse_facts(output: str, query: FactQuery | None = None) -> HostFacts:
                         tuple(addresses6.get(name, ())))
         for name, (mac, up) in links.items()
     }
+    file_records = parse_files(sections.get("files", ""), query)
     backend, _ = parse_iptables_version(sections.get("iptables-version")
                                         or sections.get("iptables-save", ""))
     return HostFacts(
@@ -469,7 +524,8 @@ def parse_facts(output: str, query: FactQuery | None = None) -> HostFacts:
         sysctls=parse_sysctls(sections.get("sysctl", "")),
         packages=parse_packages(sections.get("packages", "")),
         services=parse_units(sections.get("units", "")),
-        files=parse_files(sections.get("files", "")),
+        files=file_records.files,
+        links=file_records.links,
         commands=frozenset(sections.get("commands", "").split()),
         ssh_peer=parse_ssh_connection(sections.get("ssh-connection", "")),
         transactions=parse_transactions(sections.get("transactions", "")),
@@ -702,24 +758,87 @@ def parse_transactions(text: str) -> tuple[Transaction, ...]:
     return tuple(found)
 
 
-def parse_files(text: str) -> dict[str, FileFact]:
+@dataclass(frozen=True)
+class FileRecords:
+    """What the ``files`` section says: regular files and symbolic links."""
+
+    files: dict[str, FileFact]
+    links: dict[str, str]
+
+
+def parse_files(text: str, query: FactQuery | None = None) -> FileRecords:
     """File records: a header line (kind, path, mode, owner, group, sha256) and a content
     line: base64, ``-`` (too big: the header carries its checksum) or ``+SIZE`` (the
-    content is in the ``B`` line: every such file back to back, in header order).  A
-    header without a checksum gets its content's."""
-    files: dict[str, FileFact] = {}
+    content is in the next ``B`` line: every such file back to back, in header order).  A
+    header without a checksum gets its content's.  ``L`` lines are links (path, target).
+
+    ``U`` lines hold, in base64, the records an account read of its own files (see
+    :class:`FactQuery`): only those about paths asked of that account are kept (with
+    ``query``), and a file that changed while the account's files were read counts as
+    absent (the account can always be rewriting its own files: that must not stop a run).
+    """
+    records = FileRecords({}, {})
+    _parse_records(text.split("\n"), records, strict=True)
+    for line in text.split("\n"):
+        if not line.startswith("U\t"):
+            continue
+        _, account, encoded = [*line.split("\t"), "", ""][:3]
+        try:
+            inner = base64.b64decode(encoded, validate=True).decode("utf-8", "replace")
+        except ValueError:
+            continue
+        theirs = FileRecords({}, {})
+        _parse_records(inner.split("\n"), theirs, strict=False)
+        asked = secret = None
+        if query is not None:
+            asked = [p for a, p in query.account_paths | query.account_secret_paths
+                     if a == account]
+            secret = [p for a, p in query.account_secret_paths if a == account]
+        for path, fact in theirs.files.items():
+            if asked is None or _matches(path, asked):
+                records.files[path] = replace(fact, secret=fact.secret or _matches(
+                    path, secret or []))
+        for path, target in theirs.links.items():
+            if asked is None or _matches(path, asked):
+                records.links[path] = target
+    return records
+
+
+def _matches(path: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns)
+
+
+def _parse_records(lines: list[str], into: FileRecords, *, strict: bool) -> None:
     in_blob: list[tuple[list[str], int]] = []
-    blob = b""
-    lines = text.split("\n")
+
+    def take_blob(blob: bytes) -> None:
+        if sum(size for _, size in in_blob) != len(blob):
+            if strict:
+                raise FactError("a managed file changed while the facts were read; run again")
+            in_blob.clear()
+            return
+        offset = 0
+        for parts, size in in_blob:
+            into.files[parts[1]] = _file_fact(parts, blob[offset:offset + size])
+            offset += size
+        in_blob.clear()
+
     for i, line in enumerate(lines):
         if line.startswith("B\t"):
-            blob = base64.b64decode(line[2:])
+            take_blob(base64.b64decode(line[2:]))
+            continue
+        if line.startswith("L\t"):
+            parts = line.split("\t")
+            if len(parts) == 3 and parts[1].startswith("/"):
+                into.links[parts[1]] = parts[2]
             continue
         if not line.startswith(("F\t", "S\t")):
             continue
         parts = line.split("\t")
         if len(parts) != 6:
-            raise FactError(f"cannot parse file fact line: {line!r}")
+            if strict:
+                raise FactError(f"cannot parse file fact line: {line!r}")
+            continue
         # The script prints a content line after every header; only an empty file's
         # (empty) line can be missing, when it is the last one and the section was stripped.
         encoded = lines[i + 1] if i + 1 < len(lines) else ""
@@ -727,14 +846,8 @@ def parse_files(text: str) -> dict[str, FileFact]:
             in_blob.append((parts, int(encoded[1:])))
             continue
         content = None if encoded == "-" else base64.b64decode(encoded)
-        files[parts[1]] = _file_fact(parts, content)
-    if sum(size for _, size in in_blob) != len(blob):
-        raise FactError("a managed file changed while the facts were read; run again")
-    offset = 0
-    for parts, size in in_blob:
-        files[parts[1]] = _file_fact(parts, blob[offset:offset + size])
-        offset += size
-    return files
+        into.files[parts[1]] = _file_fact(parts, content)
+    take_blob(b"")
 
 
 def _file_fact(header: list[str], content: bytes | None) -> FileFact:
@@ -750,9 +863,18 @@ REDACTED = "<secret: not logged>"
 def redact_facts_output(output: str) -> str:
     """The facts output with the contents of secret files replaced, for the run log."""
     lines = output.split("\n")
-    for i, line in enumerate(lines[:-1]):
-        if line.startswith("S\t") and line.count("\t") == 5:
+    for i, line in enumerate(lines):
+        if line.startswith("S\t") and line.count("\t") == 5 and i + 1 < len(lines):
             lines[i + 1] = REDACTED
+        elif line.startswith("U\t") and line.count("\t") == 2:
+            # An account's own records (base64 as a whole): redacted inside, re-encoded.
+            account, _, encoded = line[2:].partition("\t")
+            try:
+                inner = base64.b64decode(encoded, validate=True).decode("utf-8", "replace")
+            except ValueError:
+                inner = ""
+            lines[i] = f"U\t{account}\t" + base64.b64encode(
+                redact_facts_output(inner).encode()).decode()
     return "\n".join(lines)
 
 

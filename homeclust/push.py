@@ -180,7 +180,8 @@ def push_package(inventory_path: str | Path, file: Path, hosts: Sequence[str], *
     reporter = QuietReporter() if as_json else LineReporter()
     runlog = RunLog.for_run(prepared.inventory.state_dir, "push-package")
     owned = connector is None
-    connector = connector or SshConnector(prepared.inventory, on_retry=reporter.message)
+    connector = connector or SshConnector(prepared.inventory, on_retry=reporter.message,
+                                          on_first_use=api.first_use_notice(reporter))
     runner = Runner(prepared.inventory, [], prepared.nodes, connector=connector,
                     reporter=reporter, runlog=runlog, forks=forks)
     try:

@@ -8,7 +8,9 @@
   failure ("No existing session").
 * Host keys are pinned trust-on-first-use in homeclust's own known_hosts file
   (one per cluster); a changed key is refused with a message saying how to
-  accept it deliberately.
+  accept it deliberately.  A first-use pin is shown to the admin with its
+  fingerprint; the file is changed under a lock and re-read first, so runs at
+  the same time never drop each other's pins.
 * Every wait is bounded: TCP connect, SSH banner, authentication, channel
   open (paramiko's default is an hour) and each command.
 * Connecting is retried with tenacity (bounded, one log line per retry);
@@ -27,15 +29,18 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import select
 import shlex
 import socket
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -114,19 +119,52 @@ def fingerprint(key: paramiko.PKey) -> str:
 class PinnedHostKeys:
     """Trust-on-first-use host keys in homeclust's own known_hosts file.
 
-    Shared by every connection of a run; additions are serialized by a lock and
-    written atomically, so parallel workers never corrupt the file.
+    Shared by every connection of a run; and the file is shared by every run: each change
+    re-reads the file under an exclusive lock (``flock`` on ``known_hosts.lock``), makes its
+    one change and replaces the file atomically -- so two runs pinning different hosts at
+    once both keep their pins, and a host two runs meet for the first time at once is
+    pinned by whichever comes first: the other is refused if it saw another key.
+    A first-use pin is told to ``on_first_use`` (the admin's terminal), fingerprint and all.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, on_first_use: Callable[[str], None] | None = None) -> None:
         self.path = path
+        self.on_first_use = on_first_use or (lambda message: None)
         self._lock = threading.Lock()
-        self._keys = paramiko.HostKeys()
-        if path.exists():
+        self._keys = self._read()
+
+    def _read(self) -> paramiko.HostKeys:
+        keys = paramiko.HostKeys()
+        if self.path.exists():
             try:
-                self._keys.load(str(path))
+                keys.load(str(self.path))
             except (OSError, paramiko.SSHException) as exc:
-                raise ConnectError(f"cannot read known_hosts file {path}: {exc}") from None
+                raise ConnectError(f"cannot read known_hosts file {self.path}: {exc}") from None
+        return keys
+
+    @contextlib.contextmanager
+    def _file_locked(self) -> Iterator[paramiko.HostKeys]:
+        """The file as it is now, while no other run can change it (thread lock held too)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield self._read()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _save(self, keys: paramiko.HostKeys) -> None:
+        """Replace the file with ``keys`` atomically (call with the file locked)."""
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
+        try:
+            os.close(fd)
+            keys.save(tmp)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        self._keys = keys
 
     def install(self, client: paramiko.SSHClient, label: str) -> None:
         """Give ``client`` our pinned keys and the trust-on-first-use policy."""
@@ -144,27 +182,33 @@ class PinnedHostKeys:
 
     def replace(self, hostname: str, key: paramiko.PKey, label: str) -> None:
         """Pin ``key`` as the only key of ``hostname`` (a node reinstalled on purpose)."""
-        with self._lock:
-            self._keys.pop(hostname, None)
-            self._keys.add(hostname, key.get_name(), key)
-            self._save()
+        with self._file_locked() as keys:
+            keys.pop(hostname, None)
+            keys.add(hostname, key.get_name(), key)
+            self._save(keys)
         log.info("replaced the pinned host key of %s with %s %s in %s", label, key.get_name(),
                  fingerprint(key), self.path)
 
-    def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        self._keys.save(str(tmp))
-        os.replace(tmp, self.path)
-
     def pin(self, hostname: str, key: paramiko.PKey, label: str) -> None:
-        with self._lock:
-            if self._keys.lookup(hostname):
-                return
-            self._keys.add(hostname, key.get_name(), key)
-            self._save()
-        log.info("pinned host key of %s (%s %s) in %s", label, key.get_name(),
-                 fingerprint(key), self.path)
+        """Pin ``key`` for ``hostname`` on first use -- unless another run pinned another key
+        for it meanwhile: then this connection is refused like a changed key."""
+        with self._file_locked() as keys:
+            found = keys.lookup(hostname)
+            if found:
+                self._keys = keys
+                known = found.get(key.get_name())
+                if known is not None and known.asbytes() == key.asbytes():
+                    return  # another run pinned the very same key: nothing to say
+                expected = known if known is not None else next(iter(found.values()))
+                raise paramiko.BadHostKeyException(hostname, key, expected)
+            keys.add(hostname, key.get_name(), key)
+            self._save(keys)
+        message = (f"{label}: first connection: pinned its host key {key.get_name()} "
+                   f"{fingerprint(key)} ({hostname}, in {self.path}); compare it with "
+                   f"`ssh-keygen -lf /etc/ssh/ssh_host_{_key_file(key)}_key.pub` on {label}'s "
+                   "console -- from now on any other key is refused")
+        log.info("%s", message)
+        self.on_first_use(message)
 
     def changed_error(self, label: str, hostname: str, exc: paramiko.BadHostKeyException
                       ) -> HostKeyChangedError:
@@ -176,6 +220,13 @@ class PinnedHostKeys:
             f"`homeclust accept-host-key {label}` (it shows the new fingerprint first; then "
             "`homeclust up` gives every node the new key)",
         )
+
+
+def _key_file(key: paramiko.PKey) -> str:
+    """The part of sshd's host key file name for ``key``'s type (``ed25519``, ``rsa``…)."""
+    name = key.get_name()
+    return ("ed25519" if "ed25519" in name else "ecdsa" if "ecdsa" in name
+            else "rsa" if "rsa" in name else "dsa" if "dss" in name else "ed25519")
 
 
 def pin_name(address: str, port: int) -> str:
@@ -487,11 +538,12 @@ class SshConnector:
     """Opens and caches the run's connections; master first, workers through it."""
 
     def __init__(self, inventory: Inventory, *, attempts: int = 3,
-                 on_retry: RetryLogger | None = None) -> None:
+                 on_retry: RetryLogger | None = None,
+                 on_first_use: Callable[[str], None] | None = None) -> None:
         self.inventory = inventory
         self.attempts = attempts
         self.on_retry = on_retry or (lambda message: log.warning("%s", message))
-        self.keys = PinnedHostKeys(inventory.ssh.known_hosts)
+        self.keys = PinnedHostKeys(inventory.ssh.known_hosts, on_first_use or self.on_retry)
         self.cancel = threading.Event()
         self._hosts: dict[str, SshHost] = {}
         self._lock = threading.Lock()

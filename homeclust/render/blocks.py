@@ -54,3 +54,12 @@ def replace_block(text: str | None, begin: str, end: str, body: Sequence[str]) -
         return current + "\n".join(block) + "\n"
     out = "\n".join([*before, *block, *after]) + "\n"
     return out
+
+
+def remove_block(text: str | None, begin: str, end: str) -> str:
+    """``text`` without the block between ``begin`` and ``end`` (every other line kept)."""
+    before, inside, after = split_block(text, begin, end)
+    if inside is None:
+        return text or ""
+    lines = [*before, *after]
+    return "\n".join(lines) + "\n" if lines else ""

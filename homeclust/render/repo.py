@@ -33,7 +33,8 @@ from homeclust.platforms import Platform
 WEB_ROOT = "/srv/homeclust-repo"
 STATE_DIR = "/var/lib/homeclust/repo"
 MANIFEST = f"{STATE_DIR}/manifest"
-#: The private half of the cluster's repository key (Debian family): a secret.
+#: The private half of the cluster's repository key (Debian family): a secret that never
+#: leaves the master -- the facts report whether it is there, never what it holds.
 SIGNING_KEY = f"{STATE_DIR}/signing-key.asc"
 #: Its public half, read through the master's facts and installed on every worker.
 PUBLIC_KEY = f"{STATE_DIR}/signing-key.pub.asc"
@@ -313,6 +314,7 @@ fi
 #: which manifest files are missing, how old the last refresh is.  Does nothing
 #: (prints nothing) on hosts without a manifest, i.e. everywhere but the master.
 REPO_STATE_COMMAND = f"""\
+[ -s {SIGNING_KEY} ] && echo "signing-key present"
 m={MANIFEST}
 [ -f "$m" ] || exit 0
 if [ -f {REFRESHED} ]; then echo "refreshed $(( $(date +%s) - $(stat -c %Y {REFRESHED}) ))"; fi

@@ -1,9 +1,11 @@
 """The key mesh's files (pure): authorized keys, known hosts, the client configuration.
 
-* ``~/.ssh/authorized_keys`` of root and of every cluster user gets a managed
-  block holding that account's cluster public key, restricted with
-  ``from="<private network>"``: the key opens the nodes to each other only, and
-  nothing else in the file is touched (the admin's own keys stay).
+* ``~/.ssh/authorized_keys`` of every cluster user gets a managed block holding
+  that account's cluster public key, restricted with ``from="<private network>"``:
+  the key opens the nodes to each other only, and nothing else in the file is
+  touched (the admin's own keys stay).  Root's key stays on the master: the
+  workers' root accepts it from the master's private address alone, the master's
+  root accepts no cluster key.
 * ``/etc/ssh/ssh_known_hosts`` (read by every account's ``ssh``) gets a block
   with every node's host keys under its name and its private address, so no
   ``ssh`` between nodes ever asks about a host key.
@@ -21,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from homeclust.inventory import Inventory
-from homeclust.render.blocks import replace_block
+from homeclust.render.blocks import block_body, remove_block, replace_block
 
 KEY_NAME = "id_ed25519_homeclust"
 
@@ -68,16 +70,39 @@ def parse_public_key(text: str | None) -> PublicKey | None:
 
 
 def key_comment(user: str, cluster: str) -> str:
-    """The comment of a cluster key: says whose it is and who made it."""
+    """The comment of a cluster key: says whose it is and who made it.
+
+    Root's says that it stays on the master: older homeclust releases copied root's key
+    to every worker, and a root key without this comment is replaced by a new one."""
+    if user == "root":
+        return f"root@{cluster}-homeclust-master-only"
     return f"{user}@{cluster}-homeclust"
 
 
+def key_comment_of(text: str | None) -> str | None:
+    """The comment of a ``.pub`` file's key (None: no key, or no comment)."""
+    if parse_public_key(text) is None or text is None:
+        return None
+    words = text.strip().split("\n", 1)[0].split()
+    return " ".join(words[2:]) or None
+
+
 def render_authorized_keys(current: str | None, key: PublicKey, inventory: Inventory,
-                           user: str) -> str:
-    """``authorized_keys`` with the cluster key block; every other line as it was."""
-    network = inventory.cluster.private_network
-    line = f'from="{network}" {key} {key_comment(user, inventory.cluster.name)}'
+                           user: str, *, source: str | None = None) -> str:
+    """``authorized_keys`` with the cluster key block; every other line as it was.
+
+    The key is accepted from the private network, or from ``source`` alone (root's key,
+    accepted from the master's private address only)."""
+    origin = source or inventory.cluster.private_network
+    line = f'from="{origin}" {key} {key_comment(user, inventory.cluster.name)}'
     return replace_block(current, AUTHORIZED_BEGIN, AUTHORIZED_END, [line])
+
+
+def remove_authorized_block(current: str | None) -> str | None:
+    """``authorized_keys`` without the cluster key block (None: it has none)."""
+    if block_body(current, AUTHORIZED_BEGIN, AUTHORIZED_END) is None:
+        return None
+    return remove_block(current, AUTHORIZED_BEGIN, AUTHORIZED_END)
 
 
 def known_hosts_entries(inventory: Inventory, host_keys: Mapping[str, Sequence[PublicKey]]

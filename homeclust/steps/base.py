@@ -213,26 +213,42 @@ class Step(ABC):
 
 
 def file_change(facts: HostFacts, path: str, content: str | None, *, mode: int = 0o644,
-                owner: str = "root", group: str = "root", secret: bool = False
-                ) -> FileChange | None:
-    """The change that makes ``path`` hold ``content`` (None: absent), or None if it does."""
+                owner: str = "root", group: str = "root", secret: bool = False,
+                run_as: str | None = None) -> FileChange | None:
+    """The change that makes ``path`` hold ``content`` (None: absent), or None if it does.
+
+    ``run_as``: the account that owns the file and the directory it is in (a cluster
+    user's home): it writes the file itself (see :class:`FileChange`), and the facts
+    were read as that account.  A managed path that is a symbolic link is never read
+    through: it is replaced by the managed file (or removed) -- a step that manages a
+    path where the platform means a link (``/etc/resolv.conf``) decides before calling.
+    """
     current = facts.files.get(path)
     # A file is secret if the facts say so (read as secret) or the caller does.
     secret = secret or (current is not None and current.secret)
+    link = facts.links.get(path)
+    if link is not None:
+        if content is None:
+            return FileChange(path, None, None, reason=f"a symbolic link to {link}",
+                              secret=secret, owner=run_as or "root", run_as=run_as)
+        return FileChange(path, content, None, mode, owner, group,
+                          f"replaces a symbolic link to {link}", secret=secret, run_as=run_as)
     if content is None:
         if current is None:
             return None
         return FileChange(path, None, current.text, reason="taken over by homeclust",
-                          secret=secret)
+                          secret=secret, owner=run_as or "root", run_as=run_as)
     if current is None:
-        return FileChange(path, content, None, mode, owner, group, secret=secret)
+        return FileChange(path, content, None, mode, owner, group, secret=secret, run_as=run_as)
     if current.content is None:
         # Too big to be sent with the facts: known to differ only by its hash.
         if current.sha256 != hashlib.sha256(content.encode()).hexdigest():
             return FileChange(path, content, None, mode, owner, group,
-                              "replaces a file too large to show as a diff", secret=secret)
+                              "replaces a file too large to show as a diff", secret=secret,
+                              run_as=run_as)
     elif current.content != content.encode():
-        return FileChange(path, content, current.text, mode, owner, group, secret=secret)
+        return FileChange(path, content, current.text, mode, owner, group, secret=secret,
+                          run_as=run_as)
     reasons = []
     if current.mode != mode:
         reasons.append(f"mode {current.mode:o} -> {mode:o}")
@@ -240,7 +256,7 @@ def file_change(facts: HostFacts, path: str, content: str | None, *, mode: int =
         reasons.append(f"owner {current.owner}:{current.group} -> {owner}:{group}")
     if reasons:
         return FileChange(path, content, current.text, mode, owner, group, "; ".join(reasons),
-                          secret=secret)
+                          secret=secret, run_as=run_as)
     return None
 
 

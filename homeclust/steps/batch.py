@@ -5,7 +5,8 @@ Both need the same things besides their own daemons and files:
 * **munge**: one key for the whole cluster, generated *on the master* by a
   command (planning never makes secrets) and read back through a secret fact
   path; every other node gets a copy as a secret file (mode 0400, owner munge),
-  never logged and never shown in a diff.  Keys are generated as text (base64
+  never logged and never shown in a diff.  ``/etc/munge`` is munge's: the key is
+  read and written as munge, never by root through whatever is there.  Keys are generated as text (base64
   of 384 random bytes: 3072 bits) because files travel as text; a binary key
   on the master -- Debian's munge package makes one when it is installed -- is
   replaced once by such a key, and every node gets the new one in the same run.
@@ -26,7 +27,14 @@ import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from homeclust.changes import Change, CommandChange, FileChange, PackagesChange, ServiceChange
+from homeclust.changes import (
+    Change,
+    CommandChange,
+    FileChange,
+    PackagesChange,
+    ServiceChange,
+    as_account,
+)
 from homeclust.facts import Fact, HostFacts
 from homeclust.inventory import Inventory, Node, UserSpec
 from homeclust.platforms import Platform, SchedulerKind, all_scheduler_packages
@@ -34,6 +42,11 @@ from homeclust.steps.base import CheckItem, PlanContext, file_change, missing_pa
 
 MUNGE_KEY = "/etc/munge/munge.key"
 MUNGE_UNIT = "munge.service"
+#: The account that owns ``/etc/munge``: the key is read and written as it (root never
+#: acts in a directory another account controls).
+MUNGE_ACCOUNT = "munge"
+#: The fact paths of the key (both steps): a secret, read as its owner.
+MUNGE_KEY_FACT = frozenset({(MUNGE_ACCOUNT, MUNGE_KEY)})
 
 #: Every package either scheduler may install on either family (facts ask exactly these).
 SCHEDULER_PACKAGE_NAMES = all_scheduler_packages()
@@ -181,11 +194,14 @@ def keep_running(ctx: PlanContext, unit: str, *, config: Iterable[Change] = (),
 # --------------------------------------------------------------------------- munge
 
 #: Written next to the key and renamed over it: never a moment with a half-written key.
+#: By munge itself: ``/etc/munge`` is its directory.
 _GENERATE_KEY = (
-    "install -d -o munge -g munge -m 0700 /etc/munge && "
-    "tmp=/etc/munge/.munge.key.homeclust.$$ && "
-    "( umask 077 && head -c 384 /dev/urandom | base64 | tr -d '\\n' > \"$tmp\" ) && "
-    "chown munge:munge \"$tmp\" && chmod 0400 \"$tmp\" && mv -f \"$tmp\" " + MUNGE_KEY
+    "install -d -o munge -g munge -m 0700 /etc/munge && " + as_account(
+        MUNGE_ACCOUNT,
+        "umask 077 && tmp=$(mktemp /etc/munge/.munge.key.XXXXXX) && "
+        "head -c 384 /dev/urandom | base64 | tr -d '\\n' > \"$tmp\" && "
+        "chmod 0400 \"$tmp\" && mv -f \"$tmp\" " + MUNGE_KEY + " || "
+        "{ rm -f \"$tmp\"; exit 1; }")
 )
 
 _TEXT_KEY_RE = re.compile(rb"^[A-Za-z0-9+/=]{32,1024}$")
@@ -216,7 +232,7 @@ def munge_changes(ctx: PlanContext, *, packages_new: bool) -> list[Change]:
             restart = True
         else:
             change = file_change(facts, MUNGE_KEY, key, mode=0o400, owner="munge",
-                                 group="munge", secret=True)
+                                 group="munge", secret=True, run_as=MUNGE_ACCOUNT)
             if change is not None:
                 changes.append(change)
     else:
@@ -233,7 +249,7 @@ def munge_changes(ctx: PlanContext, *, packages_new: bool) -> list[Change]:
                 f"echo {shlex.quote(message)} >&2; false"))
         else:
             change = file_change(facts, MUNGE_KEY, key, mode=0o400, owner="munge",
-                                 group="munge", secret=True)
+                                 group="munge", secret=True, run_as=MUNGE_ACCOUNT)
             if change is not None:
                 changes.append(change)
     changes += keep_running(ctx, MUNGE_UNIT, config=changes, restart=restart)

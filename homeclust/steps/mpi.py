@@ -11,7 +11,8 @@
   The file comes with the package, so on a node without Open MPI the step
   installs it first and plans the edit once the file is there.
 * ``openmpi-default-hostfile``: the compute nodes and their slots; the same
-  list in every cluster user's ``~/hostfile``.
+  list in every cluster user's ``~/hostfile`` (read and written as that user: a
+  link they put there never makes root read or write anything else).
 * ``/etc/profile.d/homeclust-mpi.sh`` where Open MPI is off the default paths
   (RHEL).  Debian's ``mpirun`` is on the default PATH through alternatives.
 * The check program (``/usr/local/libexec/homeclust/mpi-check.py``).
@@ -69,8 +70,10 @@ class MpiStep(Step):
     def fact_query(self, inventory: Inventory) -> FactQuery:
         paths = {f"{d}/{f}" for d in SYSCONF_GLOBS for f in (MCA_FILE, DEFAULT_HOSTFILE)}
         paths |= {PROFILE_PATH, CHECK_PROGRAM_PATH}
-        paths |= {user_hostfile(u.home) for u in inventory.users}
-        return FactQuery(paths=frozenset(paths), packages=frozenset(ALL_PACKAGES),
+        # Each user's ~/hostfile is read (and written) as that user: it is in their home.
+        theirs = {(u.name, user_hostfile(u.home)) for u in inventory.users}
+        return FactQuery(paths=frozenset(paths), account_paths=frozenset(theirs),
+                         packages=frozenset(ALL_PACKAGES),
                          extra=(MACHINE, accounts_fact(inventory)))
 
     def worker_packages(self, inventory: Inventory, platform: Platform) -> tuple[str, ...]:
@@ -123,7 +126,8 @@ class MpiStep(Step):
                 continue
             changes += _present(file_change(facts, user_hostfile(user.home),
                                             render_user_hostfile(inventory),
-                                            owner=user.name, group=user.name))
+                                            owner=user.name, group=user.name,
+                                            run_as=user.name))
         if not inventory.users and node.is_master:
             warnings.append("no [[users]] in the inventory: mpirun refuses to run as root, "
                             "so nobody can run MPI jobs (and check cannot test MPI)")

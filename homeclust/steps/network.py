@@ -17,6 +17,7 @@ host restores its previous files and re-applies them by itself.
 from __future__ import annotations
 
 import fnmatch
+import posixpath
 import shlex
 
 from homeclust.changes import Change, CommandChange
@@ -72,6 +73,25 @@ def live_differences(spec: InterfaceSpec, facts: HostFacts, inventory: Inventory
     return problems
 
 
+RESOLV_CONF = "/etc/resolv.conf"
+
+#: Where a resolver daemon keeps the file ``/etc/resolv.conf`` links to, when the platform
+#: makes it a link (Ubuntu's systemd-resolved, Debian with resolvconf or systemd-resolved).
+_RESOLVERS = (("/run/systemd/resolve/", "systemd-resolved"), ("/run/resolvconf/", "resolvconf"),
+              ("/run/NetworkManager/", "NetworkManager"))
+
+
+def resolver_owning_resolv_conf(facts: HostFacts) -> str | None:
+    """The resolver that owns ``/etc/resolv.conf`` when it is a link into its runtime
+    directory (``../run/...`` or ``/run/...``); None for a file or any other link, which
+    the step replaces with the file it manages."""
+    target = facts.links.get(RESOLV_CONF)
+    if target is None:
+        return None
+    resolved = posixpath.normpath(posixpath.join("/etc", target))
+    return next((name for prefix, name in _RESOLVERS if resolved.startswith(prefix)), None)
+
+
 class NetworkStep(Step):
     name = "network"
     summary = "interface configuration, hostnames, /etc/hosts"
@@ -102,8 +122,18 @@ class NetworkStep(Step):
         }
         rendered = interface_files(platform.network_backend, specs, existing,
                                    has_resolvconf=facts.has_command("resolvconf"))
+        warnings = list(rendered.warnings)
+        wanted = dict(rendered.files)
+        resolver = resolver_owning_resolv_conf(facts)
+        if RESOLV_CONF in wanted and resolver is not None:
+            # The platform means this link: a resolver writes the file it points to.
+            del wanted[RESOLV_CONF]
+            warnings.append(
+                f"{RESOLV_CONF} is {resolver}'s (a link to {facts.links[RESOLV_CONF]}): "
+                f"homeclust leaves it alone; give {resolver} the DNS servers "
+                f"{', '.join(str(d) for d in inventory.cluster.dns)} yourself")
         config_changes = {
-            path: change for path, file_spec in rendered.files.items()
+            path: change for path, file_spec in wanted.items()
             if (change := file_change(facts, path, file_spec.content, mode=file_spec.mode))
         }
         changes: list[Change] = []
@@ -135,7 +165,7 @@ class NetworkStep(Step):
         # between taking the interface down (old configuration) and bringing it up.
         changes += [c for path, c in config_changes.items() if path not in live_files]
         if not reapply:
-            return StepPlan(self.name, node.name, tuple(changes), rendered.warnings)
+            return StepPlan(self.name, node.name, tuple(changes), tuple(warnings))
         backend = platform.network_backend
         guarded: list[Change] = [
             CommandChange(f"take down {', '.join(reapply)} with the configuration "
@@ -153,7 +183,7 @@ class NetworkStep(Step):
             settle=3.0,
             reason=f"re-applying {', '.join(reapply)} may cut the SSH session",
         )
-        return StepPlan(self.name, node.name, tuple(changes), rendered.warnings, guard,
+        return StepPlan(self.name, node.name, tuple(changes), tuple(warnings), guard,
                         tuple(guarded))
 
     def posture(self, ctx: PlanContext) -> list[CheckItem]:

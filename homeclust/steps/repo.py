@@ -121,22 +121,27 @@ class RepoState:
     missing: tuple[str, ...] = ()
     #: seconds since the master's package lists were last refreshed by this step
     refreshed_ago: int | None = None
+    #: whether the master holds the cluster's signing key (its content is never read)
+    signing_key: bool = False
 
 
 def parse_repo_state(text: str) -> RepoState:
     candidates: dict[str, str] = {}
     missing: list[str] = []
     refreshed: int | None = None
+    signing_key = False
     for line in text.splitlines():
         words = line.split()
-        if len(words) == 3 and words[0] == "candidate":
+        if words == ["signing-key", "present"]:
+            signing_key = True
+        elif len(words) == 3 and words[0] == "candidate":
             if words[2] != "(none)":
                 candidates[words[1]] = words[2]
         elif len(words) == 2 and words[0] == "missing":
             missing.append(words[1])
         elif len(words) == 2 and words[0] == "refreshed" and words[1].lstrip("-").isdigit():
             refreshed = int(words[1])
-    return RepoState(candidates, tuple(missing), refreshed)
+    return RepoState(candidates, tuple(missing), refreshed, signing_key)
 
 
 def parse_listeners(text: str) -> tuple[str, ...]:
@@ -168,7 +173,6 @@ class RepoStep(Step):
                 render.apt_list_path(inventory),
                 f"{render.YUM_REPOS_DIR}/*", "/etc/pki/rpm-gpg/RPM-GPG-KEY-EPEL-*",
             }),
-            secret_paths=frozenset({render.SIGNING_KEY}),
             units=frozenset({"nginx.service"}),
             packages=_SERVER_PACKAGES,
             extra=(REPO_STATE, HTTP_LISTENERS),
@@ -209,9 +213,9 @@ class RepoStep(Step):
             # between writing the file and restarting it, or someone edited it).
             changes.append(ServiceChange("nginx.service", action="restart"))
         new_key = False
-        if platform.family == "debian" and not (
-                render.SIGNING_KEY in facts.files and facts.file_text(render.PUBLIC_KEY)):
-            new_key = render.SIGNING_KEY not in facts.files
+        has_key = facts.get(REPO_STATE).signing_key
+        if platform.family == "debian" and not (has_key and facts.file_text(render.PUBLIC_KEY)):
+            new_key = not has_key
             what = "create" if new_key else "export the public half of"
             changes.append(CommandChange(f"{what} the cluster's repository signing key",
                                          render.key_script(inventory)))

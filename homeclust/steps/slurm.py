@@ -40,7 +40,7 @@ from homeclust.render.slurm import (
 )
 from homeclust.steps.base import CheckItem, PlanContext, Probe, Step, StepPlan, file_change
 from homeclust.steps.batch import (
-    MUNGE_KEY,
+    MUNGE_KEY_FACT,
     MUNGE_UNIT,
     NODE_SIZE,
     SCHEDULER_PACKAGE_NAMES,
@@ -213,7 +213,7 @@ class SlurmStep(Step):
     def fact_query(self, inventory: Inventory) -> FactQuery:
         return FactQuery(
             paths=frozenset({SLURM_CONF}),
-            secret_paths=frozenset({MUNGE_KEY}),
+            account_secret_paths=MUNGE_KEY_FACT,
             units=frozenset({MUNGE_UNIT, SLURMCTLD, SLURMD}),
             packages=SCHEDULER_PACKAGE_NAMES,
             virtualization=True,  # proctrack: cgroups on real hardware, not in containers

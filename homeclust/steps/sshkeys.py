@@ -9,10 +9,18 @@
 * **Keys**: one ed25519 key pair per account (root and each cluster user),
   generated once on the master (``~/.ssh/id_ed25519_homeclust``, a name of its
   own: an existing key of the admin's is never replaced nor copied to other
-  nodes), read back through secret facts and copied to every worker (mode
-  0600, owned by the account; never logged, never shown in a diff).
+  nodes).  A cluster user's is read back through secret facts and copied to every
+  worker (mode 0600, owned by the account; never logged, never shown in a diff).
+  Root's never leaves the master: root's trust goes master -> workers only, so
+  root on an old worker is not root on the master (a copy an older release left
+  on a worker is removed, and a root key such a release made is replaced once:
+  :func:`key_comment` marks the master-only one).
+* **A cluster user's home is theirs**: everything in it is read (the facts) and
+  written (keys, ``~/.ssh``, ``authorized_keys``) *as that user*; a link they put
+  where a managed file goes is replaced by the file, and root never acts through it.
 * **authorized_keys**: a managed block with the account's cluster key,
-  accepted only from the private network (``from="…"``).  Every other line --
+  accepted only from the private network (``from="…"``); for root, on the workers
+  only and from the master's private address only.  Every other line --
   the admin's own key, keys added by hand -- stays as it is.  Root's file (and
   that of the ``[ssh] user`` homeclust logs in as) is changed under a guard: the
   host rolls it back unless homeclust logs in again over a new connection.
@@ -38,9 +46,9 @@ import fnmatch
 import math
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from homeclust.changes import Change, CommandChange, FileChange, PackagesChange
+from homeclust.changes import Change, CommandChange, FileChange, PackagesChange, as_account
 from homeclust.errors import StepError
 from homeclust.facts import Fact, FactQuery, HostFacts
 from homeclust.inventory import Inventory, Node, UserSpec
@@ -56,8 +64,10 @@ from homeclust.render.ssh import (
     PublicKey,
     includes_dropins,
     key_comment,
+    key_comment_of,
     parse_known_hosts_block,
     parse_public_key,
+    remove_authorized_block,
     render_authorized_keys,
     render_known_hosts,
     render_ssh_config_block,
@@ -98,6 +108,7 @@ class PathState:
     owner: str
     group: str
     is_dir: bool
+    is_link: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,7 +156,8 @@ def parse_accounts(text: str) -> AccountFacts:
             parts = line.split("|")
             if len(parts) == 5:
                 paths[parts[0]] = PathState(int(parts[1], 8), parts[2], parts[3],
-                                            parts[4] == "directory")
+                                            parts[4] == "directory",
+                                            parts[4] == "symbolic link")
     return AccountFacts(tuple(users.values()), tuple(groups.values()), paths)
 
 
@@ -172,6 +184,16 @@ class Identity:
     @property
     def authorized_keys(self) -> str:
         return f"{self.ssh_dir}/authorized_keys"
+
+    @property
+    def writer(self) -> str | None:
+        """Who acts in this account's home: the account itself (a cluster user's home is
+        theirs: root never reads or writes through it), or root in its own."""
+        return None if self.name == "root" else self.name
+
+    def run(self, command: str) -> str:
+        """``command`` as this account (for everything in its home)."""
+        return as_account(self.name, command)
 
 
 def identities(inventory: Inventory) -> list[Identity]:
@@ -248,13 +270,25 @@ def account_changes(node: Node, user: UserSpec, accounts: AccountFacts) -> list[
 
 
 def ssh_dir_changes(identity: Identity, accounts: AccountFacts) -> list[Change]:
-    """``~/.ssh`` owned by the account and writable by it alone (sshd's StrictModes)."""
+    """``~/.ssh`` owned by the account and writable by it alone (sshd's StrictModes).
+
+    In a cluster user's home everything is done as the user: a link the user put at
+    ``~/.ssh`` is replaced by a directory of their own, and root only ever gives an existing
+    directory to the user with ``chown -h`` (on a link swapped in meanwhile, that changes
+    the link alone); the mode is then set by the user."""
     state = accounts.paths.get(identity.ssh_dir)
     q_dir, owner = shlex.quote(identity.ssh_dir), shlex.quote(f"{identity.name}:{identity.group}")
     if state is None:
+        if identity.writer is None:
+            return [CommandChange(f"create {identity.ssh_dir} (mode 700, owner root)",
+                                  f"mkdir -p {q_dir} && chmod 700 {q_dir}")]
+        return [CommandChange(f"create {identity.ssh_dir} (mode 700, owner {identity.name})",
+                              identity.run(f"mkdir -m 700 {q_dir}"))]
+    if state.is_link and identity.writer is not None:
         return [CommandChange(
-            f"create {identity.ssh_dir} (mode 700, owner {identity.name})",
-            f"mkdir -p {q_dir} && chown {owner} {q_dir} && chmod 700 {q_dir}")]
+            f"replace the symbolic link {identity.ssh_dir} with a directory of "
+            f"{identity.name}'s own (mode 700)",
+            identity.run(f"rm -f {q_dir} && mkdir -m 700 {q_dir}"))]
     if not state.is_dir:
         raise StepError(f"{identity.ssh_dir} is not a directory",
                         hint="move it away by hand; nothing was changed")
@@ -265,10 +299,37 @@ def ssh_dir_changes(identity: Identity, accounts: AccountFacts) -> list[Change]:
         problems.append(f"mode {state.mode:o}")
     if not problems:
         return []
+    give = f"chown -h {owner} {q_dir} && " if state.owner != identity.name else ""
     return [CommandChange(
         f"make {identity.ssh_dir} the account's own ({', '.join(problems)} -> "
         f"{identity.name}, not writable by others)",
-        f"chown {owner} {q_dir} && chmod go-w {q_dir}")]
+        give + identity.run(f"chmod go-w {q_dir}"))]
+
+
+def ssh_dir_replaced(identity: Identity, accounts: AccountFacts) -> bool:
+    """Whether this run replaces ``~/.ssh`` (a link): what the facts say is under it is not
+    what will be there -- nothing of it is kept."""
+    state = accounts.paths.get(identity.ssh_dir)
+    return state is not None and state.is_link and identity.writer is not None
+
+
+def without_under(facts: HostFacts, directory: str) -> HostFacts:
+    """``facts`` without what they say is in ``directory`` (replaced by this run)."""
+    prefix = directory.rstrip("/") + "/"
+    return replace(facts,
+                   files={p: f for p, f in facts.files.items() if not p.startswith(prefix)},
+                   links={p: t for p, t in facts.links.items() if not p.startswith(prefix)})
+
+
+def master_root_key(inventory: Inventory, master: HostFacts | None) -> PublicKey | None:
+    """Root's cluster public key on the master, once it is one that stays there (made by a
+    homeclust that never copies it: see :func:`key_comment`); None until then."""
+    if master is None:
+        return None
+    text = master.file_text(identities(inventory)[0].public_key)
+    if key_comment_of(text) != key_comment("root", inventory.cluster.name):
+        return None
+    return parse_public_key(text)
 
 
 # --------------------------------------------------------------------------- host keys
@@ -308,16 +369,28 @@ def known_host_keys(ctx: PlanContext, current: Mapping[str, list[PublicKey]]
 
 class SshKeysStep(Step):
     name = "ssh-keys"
-    summary = "cluster users, one key pair per account, any-to-any SSH between nodes"
+    summary = ("cluster users, one key pair per account, SSH any-to-any for the users "
+               "and from the master for root")
     depends_on = ("network",)
 
     def fact_query(self, inventory: Inventory) -> FactQuery:
         paths = {HOST_KEY_GLOB, KNOWN_HOSTS, SSH_CONFIG, SSH_CONFIG_DROPIN}
         secrets = set()
+        theirs: set[tuple[str, str]] = set()
+        their_secrets: set[tuple[str, str]] = set()
         for identity in identities(inventory):
-            paths |= {identity.public_key, identity.authorized_keys}
-            secrets.add(identity.private_key)
+            if identity.writer is None:
+                paths |= {identity.public_key, identity.authorized_keys}
+                secrets.add(identity.private_key)
+            else:
+                # A cluster user's files are read as the user (links planted there show
+                # nothing of root's).
+                theirs |= {(identity.name, identity.public_key),
+                           (identity.name, identity.authorized_keys)}
+                their_secrets.add((identity.name, identity.private_key))
         return FactQuery(paths=frozenset(paths), secret_paths=frozenset(secrets),
+                         account_paths=frozenset(theirs),
+                         account_secret_paths=frozenset(their_secrets),
                          packages=frozenset({"openssh-client", "openssh-clients"}),
                          extra=(accounts_fact(inventory),))
 
@@ -342,26 +415,24 @@ class SshKeysStep(Step):
         people = identities(inventory)
         for identity in people:
             changes += ssh_dir_changes(identity, accounts)
+            if ssh_dir_replaced(identity, accounts):
+                facts = without_under(facts, identity.ssh_dir)
 
-        # Key pairs: made on the master, copied from the master's facts to the workers.
+        # Key pairs: made on the master, copied from the master's facts to the workers --
+        # root's excepted: it stays on the master (root's trust goes master -> workers).
         pending_keys: list[str] = []
         master = ctx.master_facts
         public: dict[str, PublicKey] = {}
         for identity in people:
             if node.is_master:
-                key, generate = self._master_key_pair(ctx, identity)
-                changes += generate
-                if key is None:
-                    pending_keys.append(identity.name)
-                else:
-                    public[identity.name] = key
+                key, generate = self._master_key_pair(ctx, facts, identity)
             else:
-                key, copies = self._copied_key_pair(ctx, identity, master)
-                changes += copies
-                if key is None:
-                    pending_keys.append(identity.name)
-                else:
-                    public[identity.name] = key
+                key, generate = self._copied_key_pair(ctx, facts, identity, master)
+            changes += generate
+            if key is None:
+                pending_keys.append(identity.name)
+            else:
+                public[identity.name] = key
         if pending_keys and not node.is_master:
             warnings.append(
                 f"the master has no cluster key pair yet for {', '.join(pending_keys)}: "
@@ -371,10 +442,7 @@ class SshKeysStep(Step):
 
         admin = inventory.ssh.user
         for identity in people:
-            key = public.get(identity.name)
-            if key is None:
-                continue
-            change = self._authorized_keys_change(facts, identity, key, inventory)
+            change = self._authorized_keys_change(ctx, facts, identity, public)
             if change is None:
                 continue
             # The admin logs in with root's file (or the [ssh] user's): a broken one locks out.
@@ -394,43 +462,72 @@ class SshKeysStep(Step):
 
     # -- key pairs --------------------------------------------------------------
 
-    def _master_key_pair(self, ctx: PlanContext, identity: Identity
+    def _master_key_pair(self, ctx: PlanContext, facts: HostFacts, identity: Identity
                          ) -> tuple[PublicKey | None, list[Change]]:
-        """On the master: the account's key pair as it is, or the command that makes it."""
-        facts = ctx.facts
+        """On the master: the account's key pair as it is, or the command that makes it
+        (as the account, in its own home)."""
         private = facts.files.get(identity.private_key)
-        pub = parse_public_key(facts.file_text(identity.public_key))
-        owner = shlex.quote(f"{identity.name}:{identity.group}")
+        pub_text = facts.file_text(identity.public_key)
+        pub = parse_public_key(pub_text)
         q_priv, q_pub = shlex.quote(identity.private_key), shlex.quote(identity.public_key)
-        comment = shlex.quote(key_comment(identity.name, ctx.inventory.cluster.name))
-        if private is None:
+        comment = key_comment(identity.name, ctx.inventory.cluster.name)
+        q_comment = shlex.quote(comment)
+        link = facts.links.get(identity.private_key)
+        stale_root = (identity.name == "root" and private is not None
+                      and (pub is None or key_comment_of(pub_text) != comment))
+        if private is None or stale_root:
+            if link is not None:
+                what = (f"replace the symbolic link {identity.private_key} (to {link}) with a "
+                        f"new cluster key pair of {identity.name}")
+            elif stale_root:
+                what = (f"replace root's cluster key pair ({identity.private_key}): an older "
+                        "homeclust copied it to every worker; the new one never leaves the "
+                        "master")
+            else:
+                what = f"generate the cluster key pair of {identity.name} ({identity.private_key})"
+            if stale_root:
+                # Once: a key with the master-only comment is the new one.
+                unless = f"[ -f {q_priv} ] && grep -q -- {q_comment} {q_pub}"
+            else:
+                # Generated once, never replaced (a link there is replaced).
+                unless = identity.run(f"[ -f {q_priv} ] && [ ! -L {q_priv} ]")
             return None, [CommandChange(
-                f"generate the cluster key pair of {identity.name} ({identity.private_key})",
-                f"rm -f {q_pub} && ssh-keygen -q -t ed25519 -N '' -C {comment} -f {q_priv} "
-                f"</dev/null && chown {owner} {q_priv} {q_pub}",
-                unless=f"[ -e {q_priv} ]")]
+                what,
+                identity.run(f"rm -f {q_priv} {q_pub} && ssh-keygen -q -t ed25519 -N \"\" "
+                             f"-C {q_comment} -f {q_priv} </dev/null"),
+                unless=unless)]
         changes: list[Change] = []
         if pub is None:
             changes.append(CommandChange(
                 f"write the missing public half of {identity.name}'s cluster key "
                 f"({identity.public_key})",
-                f"printf '%s %s\\n' \"$(ssh-keygen -y -f {q_priv} | cut -d' ' -f1-2)\" "
-                f"{comment} > {q_pub} && chown {owner} {q_pub} && chmod 644 {q_pub}"))
+                identity.run(f"rm -f {q_pub} && printf '%s %s\\n' \"$(ssh-keygen -y -f "
+                             f"{q_priv} | cut -d' ' -f1-2)\" {q_comment} > {q_pub} && "
+                             f"chmod 644 {q_pub}")))
             return None, changes
         # Content as it is; only the mode and owner are held to what ssh demands.
         for change in (
             file_change(facts, identity.private_key, private.text, mode=0o600,
-                        owner=identity.name, group=identity.group, secret=True),
-            file_change(facts, identity.public_key, facts.file_text(identity.public_key),
-                        mode=0o644, owner=identity.name, group=identity.group),
+                        owner=identity.name, group=identity.group, secret=True,
+                        run_as=identity.writer),
+            file_change(facts, identity.public_key, pub_text, mode=0o644, owner=identity.name,
+                        group=identity.group, run_as=identity.writer),
         ):
             if change is not None:
                 changes.append(change)
         return pub, changes
 
-    def _copied_key_pair(self, ctx: PlanContext, identity: Identity, master: HostFacts | None
-                         ) -> tuple[PublicKey | None, list[Change]]:
-        """On a worker: the master's key pair of the account, copied."""
+    def _copied_key_pair(self, ctx: PlanContext, facts: HostFacts, identity: Identity,
+                         master: HostFacts | None) -> tuple[PublicKey | None, list[Change]]:
+        """On a worker: the master's key pair of a cluster user, copied (written by the user);
+        root's key pair is the master's alone: any copy here is removed, and its public
+        half is what root's ``authorized_keys`` accepts here."""
+        if identity.name == "root":
+            removals: list[Change] = [
+                c for c in (file_change(facts, path, None)
+                            for path in (identity.private_key, identity.public_key))
+                if c is not None]
+            return master_root_key(ctx.inventory, master), removals
         if master is None:
             return None, []
         private = master.file_text(identity.private_key)
@@ -439,10 +536,11 @@ class SshKeysStep(Step):
         if private is None or pub is None or pub_text is None:
             return None, []
         changes: list[Change] = [c for c in (
-            file_change(ctx.facts, identity.private_key, private, mode=0o600,
-                        owner=identity.name, group=identity.group, secret=True),
-            file_change(ctx.facts, identity.public_key, pub_text, mode=0o644,
-                        owner=identity.name, group=identity.group),
+            file_change(facts, identity.private_key, private, mode=0o600,
+                        owner=identity.name, group=identity.group, secret=True,
+                        run_as=identity.writer),
+            file_change(facts, identity.public_key, pub_text, mode=0o644,
+                        owner=identity.name, group=identity.group, run_as=identity.writer),
         ) if c is not None]
         return pub, changes
 
@@ -483,20 +581,35 @@ class SshKeysStep(Step):
                 changes.append(change)
         return changes
 
-    def _authorized_keys_change(self, facts: HostFacts, identity: Identity, key: PublicKey,
-                                inventory: Inventory) -> FileChange | None:
+    def _authorized_keys_change(self, ctx: PlanContext, facts: HostFacts, identity: Identity,
+                                public: Mapping[str, PublicKey]) -> FileChange | None:
+        """The account's ``authorized_keys`` with the managed block: its own cluster key from
+        the private network -- for root, the master's key from the master alone, and on the
+        master none (root on a worker is never root on the master)."""
         path = identity.authorized_keys
         current = facts.files.get(path)
+        text = current.text if current is not None else None
+        inventory = ctx.inventory
+        master_only = identity.name == "root"
         try:
-            content = render_authorized_keys(current.text if current else None, key, inventory,
-                                             identity.name)
+            if master_only and ctx.node.is_master:
+                content = remove_authorized_block(text)
+                if content is None:
+                    return None
+            else:
+                key = public.get(identity.name)
+                if key is None:
+                    return None
+                content = render_authorized_keys(
+                    text, key, inventory, identity.name,
+                    source=str(inventory.master.private_address) if master_only else None)
         except BlockError as exc:
             raise StepError(f"{path}: {exc}", hint="fix the homeclust marker lines by hand; "
                             "nothing was changed") from None
         # Keep a mode the admin chose unless others could write the file (sshd refuses it).
         mode = current.mode if current is not None and not current.mode & 0o022 else 0o600
         return file_change(facts, path, content, mode=mode, owner=identity.name,
-                           group=identity.group)
+                           group=identity.group, run_as=identity.writer)
 
     # -- check ------------------------------------------------------------------
 
@@ -514,15 +627,42 @@ _PROBE_ONE = (
 )
 
 
+@dataclass(frozen=True)
+class MeshTrust:
+    """Whom an account on a node must reach by SSH, and who must refuse it."""
+
+    reach: tuple[Node, ...]
+    refused: tuple[Node, ...] = ()
+
+
+def mesh_trust(inventory: Inventory, source: Node, account: str) -> MeshTrust:
+    """The trust the ssh-keys step sets up, as ``check`` proves it -- the one place that says
+    which pairs an account is expected to reach.
+
+    Cluster users: every other node (any-to-any).  Root: from the master, every worker;
+    from a worker, nothing -- the master must refuse it (root on an old worker is not
+    root on the master).  Worker to worker as root is refused too (no worker holds root's
+    key), but not probed: the refusal that matters is the master's, one probe a worker.
+    """
+    others = tuple(n for n in inventory.nodes if n.name != source.name)
+    if account != "root":
+        return MeshTrust(others)
+    if source.is_master:
+        return MeshTrust(others)
+    return MeshTrust((), (inventory.master_node,))
+
+
 def mesh_probe(ctx: PlanContext, account: str) -> Probe:
-    """From this node, as ``account``: batch-mode SSH (a prompt would fail it) to every other
-    node, by name and by private address, trusting only the system-wide known_hosts.
-    One check item per node and account: a row of the matrix."""
+    """From this node, as ``account``: batch-mode SSH (a prompt would fail it) to the nodes
+    :func:`mesh_trust` names, by name and by private address, trusting only the
+    system-wide known_hosts; those it must reach answer, those that must refuse it say
+    "Permission denied".  One check item per node and account: a row of the matrix."""
     node = ctx.node
-    others = [n for n in ctx.inventory.nodes if n.name != node.name]
-    targets = [(other.name, target, how) for other in others
+    trust = mesh_trust(ctx.inventory, node, account)
+    targets = [(other.name, target, how, other in trust.refused)
+               for other in (*trust.reach, *trust.refused)
                for target, how in ((other.name, "name"), (str(other.private_address), "address"))]
-    words = " ".join(shlex.quote(f"{account} {target}") for _, target, _ in targets)
+    words = " ".join(shlex.quote(f"{account} {target}") for _, target, _, _ in targets)
     script = (f"printf '%s\\n' {words} | xargs -P {PROBE_PARALLEL} -L 1 sh -c "
               f"{shlex.quote(_PROBE_ONE)} sh" if targets else "true")
     name = f"ssh mesh ({account})"
@@ -536,14 +676,25 @@ def mesh_probe(ctx: PlanContext, account: str) -> Probe:
                     parts[3].strip() if len(parts) > 3 else "failed")
         if not targets:
             return CheckItem(node.name, name, "pass", "no other node")
-        bad = [f"{other} by {how}: {results.get(target, 'no answer')}"
-               for other, target, how in targets if results.get(target, "no answer")]
+        bad = []
+        for other, target, how, refused in targets:
+            why = results.get(target, "no answer")
+            if not refused and why:
+                bad.append(f"{other} by {how}: {why}")
+            elif refused and target in results and not why:
+                bad.append(f"{other} by {how}: accepted {account} from {node.name}")
+            elif refused and "Permission denied" not in why:
+                bad.append(f"{other} by {how}: no refusal seen ({why})")
         if bad:
             return CheckItem(node.name, name, "fail", "; ".join(bad),
                              "homeclust up --only ssh-keys (after reinstalling a node: "
                              "homeclust accept-host-key NODE first)")
-        return CheckItem(node.name, name, "pass",
-                         f"{len(others)} node(s) by name and address, no prompt")
+        reached = f"{len(trust.reach)} node(s) by name and address, no prompt"
+        if trust.refused:
+            refusing = ", ".join(n.name for n in trust.refused)
+            reached = (f"refused by {refusing} by name and address, as it must be"
+                       if not trust.reach else f"{reached}; refused by {refusing}")
+        return CheckItem(node.name, name, "pass", reached)
 
     # Each node probes every other node at once: PROBE_PARALLEL at a time, 20 s at most each.
     return Probe(name, script, evaluate,

@@ -50,7 +50,7 @@ from homeclust.render.torque import (
 )
 from homeclust.steps.base import CheckItem, PlanContext, Probe, Step, StepPlan, file_change
 from homeclust.steps.batch import (
-    MUNGE_KEY,
+    MUNGE_KEY_FACT,
     MUNGE_UNIT,
     NODE_SIZE,
     SCHEDULER_PACKAGE_NAMES,
@@ -174,7 +174,7 @@ class TorqueStep(Step):
     def fact_query(self, inventory: Inventory) -> FactQuery:
         return FactQuery(
             paths=frozenset({SERVER_NAME_PATH, MOM_CONFIG_PATH, NODES_PATH}),
-            secret_paths=frozenset({MUNGE_KEY}),
+            account_secret_paths=MUNGE_KEY_FACT,
             units=frozenset({MUNGE_UNIT, TRQAUTHD, PBS_SERVER, PBS_SCHED, PBS_MOM}),
             packages=SCHEDULER_PACKAGE_NAMES,
             extra=(NODE_SIZE, TORQUE_SERVER, TORQUE_NODES),
@@ -290,11 +290,14 @@ def job_probe(master: Node, user: str, nodes: list[str]) -> Probe:
     """A one-line job as ``user`` on one slot of every compute node: ``pbsdsh -u
     hostname`` prints each node's name into the job's output, which Torque copies
     back to the master; ``qsub -W block=true`` waits for the job to end."""
-    out = "/tmp/homeclust-check.out"
-    submit = (f"echo 'pbsdsh -u hostname' | qsub -W block=true -N homeclust-check -j oe "
-              f"-o {out} -l nodes={len(nodes)}:ppn=1,walltime=00:02:00")
-    script = (f"cd /tmp && rm -f {out} && timeout 150 runuser -u {shlex.quote(user)} -- sh -c "
-              f"{shlex.quote(submit)} 2>&1; rc=$?; cat {out} 2>/dev/null; rm -f {out}; exit $rc")
+    # Everything as the user, in a directory of the user's own: the output file is the
+    # user's, and root reading it back would follow whatever the user put there.
+    job = (f"d=$(mktemp -d) && cd \"$d\" || exit 1; echo 'pbsdsh -u hostname' | "
+           f"qsub -W block=true -N homeclust-check -j oe -o \"$d/out\" "
+           f"-l nodes={len(nodes)}:ppn=1,walltime=00:02:00; rc=$?; cat \"$d/out\" 2>/dev/null; "
+           "cd / && rm -rf \"$d\"; exit $rc")
+    script = (f"cd /tmp && timeout 150 runuser -u {shlex.quote(user)} -- sh -c "
+              f"{shlex.quote(job)} 2>&1")
 
     def evaluate(code: int, output: str) -> CheckItem:
         ran = sorted({line.strip() for line in output.splitlines() if line.strip() in nodes})

@@ -62,6 +62,8 @@ class FileRecord:
     too_big: bool = False  # report "-" instead of the content, as for files over 256 KiB
     digest: str | None = None  # default: the sha256 of content
     secret: bool = False  # an "S" record: read for planning, never logged
+    #: Read as this account (its ``U`` block) instead of as root: a cluster user's files.
+    account: str | None = None
 
     @property
     def sha256(self) -> str:
@@ -72,25 +74,43 @@ class FileRecord:
         return self.content.decode()
 
 
-FileArg = str | bytes | FileRecord | None
+@dataclass(frozen=True)
+class LinkRecord:
+    """A managed path that is a symbolic link (``L\tpath\ttarget``): never read through."""
+
+    target: str
+    account: str | None = None
 
 
-def as_record(value: str | bytes | FileRecord) -> FileRecord:
-    if isinstance(value, FileRecord):
+Record = FileRecord | LinkRecord
+FileArg = str | bytes | Record | None
+
+
+def as_record(value: str | bytes | Record) -> Record:
+    if isinstance(value, FileRecord | LinkRecord):
         return value
     return FileRecord(value.encode() if isinstance(value, str) else value)
 
 
-def file_lines(files: Mapping[str, FileRecord]) -> str:
-    """The ``files`` section: a header line and a content line per file, sorted by path."""
+def file_lines(files: Mapping[str, Record]) -> str:
+    """The ``files`` section: a header line and a content line per file (or one line per
+    link), sorted by path, root's first; then one ``U`` line per account with, in base64,
+    the records it read of its own files."""
     out = []
-    for path in sorted(files):
+    for path in sorted(p for p, r in files.items() if r.account is None):
         record = files[path]
+        if isinstance(record, LinkRecord):
+            out.append(f"L\t{path}\t{record.target}")
+            continue
         kind = "S" if record.secret else "F"
         out.append(f"{kind}\t{path}\t{record.mode:o}\t{record.owner}\t{record.group}\t"
                    f"{record.sha256}")
         too_big = record.too_big or len(record.content) > TOO_BIG
         out.append("-" if too_big else base64.b64encode(record.content).decode())
+    for account in sorted({r.account for r in files.values() if r.account is not None}):
+        inner = file_lines({p: replace(r, account=None) for p, r in files.items()
+                            if r.account == account})
+        out.append(f"U\t{account}\t{base64.b64encode(inner.encode()).decode()}")
     return "".join(line + "\n" for line in out)
 
 
@@ -153,7 +173,7 @@ class FactsBuilder:
     """Sections of one facts output (``files`` kept as records, the rest as text)."""
 
     sections: Mapping[str, str] = field(default_factory=dict)
-    files: Mapping[str, FileRecord] = field(default_factory=dict)
+    files: Mapping[str, Record] = field(default_factory=dict)
     complete: bool = True  # False: no "end" section (the script was cut off)
 
     def but(self, *, files: Mapping[str, FileArg] | None = None, complete: bool | None = None,
@@ -210,7 +230,9 @@ class FactsBuilder:
         return parse_facts(self.build(), query if query is not None else repo_monitor_query())
 
     def file_text(self, path: str) -> str:
-        return self.files[path].text
+        record = self.files[path]
+        assert isinstance(record, FileRecord)
+        return record.text
 
 
 def build(*, os_release: str = "", hostname: str = "", virt: str = "none", ssh_connection: str = "",
@@ -220,7 +242,7 @@ def build(*, os_release: str = "", hostname: str = "", virt: str = "none", ssh_c
           sysctl: str | Mapping[str, tuple[str, str] | None] = "",
           packages: str = "", units: str = "",
           commands: Iterable[str] = (), transactions: Iterable[str] = (),
-          files: Mapping[str, str | bytes | FileRecord] | None = None, complete: bool = True) -> str:
+          files: Mapping[str, str | bytes | Record] | None = None, complete: bool = True) -> str:
     """Raw facts output from keyword arguments (see the module docstring)."""
     return builder(
         os_release=os_release, hostname=hostname, virt=virt, ssh_connection=ssh_connection,
@@ -238,7 +260,7 @@ def builder(*, os_release: str = "", hostname: str = "", virt: str = "none",
             sysctl: str | Mapping[str, tuple[str, str] | None] = "", packages: str = "",
             units: str = "", commands: Iterable[str] = (),
             transactions: Iterable[str] = (),
-            files: Mapping[str, str | bytes | FileRecord] | None = None,
+            files: Mapping[str, str | bytes | Record] | None = None,
             complete: bool = True) -> FactsBuilder:
     """Like :func:`build`, but returns the :class:`FactsBuilder` (for further changes)."""
     sections = {
@@ -278,22 +300,35 @@ def parse_recorded(text: str) -> FactsBuilder:
     unknown = {n for n in bodies if not n.startswith("x-")} - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown sections in the recording: {sorted(unknown)}")
-    files: dict[str, FileRecord] = {}
-    file_body = bodies.pop("files", "").split("\n")
-    for index, line in enumerate(file_body):
+    files = _parse_file_records(bodies.pop("files", ""))
+    complete = "end" in bodies
+    bodies.pop("end", None)
+    return FactsBuilder(bodies, files, complete)
+
+
+def _parse_file_records(body: str, account: str | None = None) -> dict[str, Record]:
+    files: dict[str, Record] = {}
+    lines = body.split("\n")
+    for index, line in enumerate(lines):
+        if line.startswith("U\t"):
+            _, owner, encoded = line.split("\t")
+            files.update(_parse_file_records(base64.b64decode(encoded).decode(), owner))
+            continue
+        if line.startswith("L\t"):
+            _, path, target = line.split("\t")
+            files[path] = LinkRecord(target, account)
+            continue
         if not line.startswith(("F\t", "S\t")):
             continue
         kind, path, mode, owner, group, digest = line.split("\t")
-        encoded = file_body[index + 1]
+        encoded = lines[index + 1]
         too_big = encoded == "-"
         content = b"" if too_big else base64.b64decode(encoded)
         if not too_big and hashlib.sha256(content).hexdigest() != digest:
             raise ValueError(f"{path}: sha256 in the recording does not match its content")
         files[path] = FileRecord(content, int(mode, 8), owner, group, too_big,
-                                 digest if too_big else None, kind == "S")
-    complete = "end" in bodies
-    bodies.pop("end", None)
-    return FactsBuilder(bodies, files, complete)
+                                 digest if too_big else None, kind == "S", account)
+    return files
 
 
 def recorded(name: str) -> FactsBuilder:
@@ -625,7 +660,7 @@ def after_firewall(name: str) -> FactsBuilder:
     fresh, done = recorded(name), converged(name)
     rules_files = ("/etc/iptables/rules.v4", "/etc/sysconfig/iptables")
     files: dict[str, FileArg] = {
-        path: FileRecord(_without_table(done.files[path].text, "nat").encode(), 0o600)
+        path: FileRecord(_without_table(done.file_text(path), "nat").encode(), 0o600)
         for path in rules_files if path in done.files}
     for path in ("/etc/sysctl.d/90-homeclust-nat.conf", "/etc/modules-load.d/homeclust-nat.conf"):
         files[path] = fresh.files.get(path)

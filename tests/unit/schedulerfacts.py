@@ -72,7 +72,8 @@ def fresh(name: str, kind: str) -> FactsBuilder:
 
 def after(name: str, kind: str) -> FactsBuilder:
     """A recorded host after every step up to and including ``kind``'s."""
-    key = FileRecord(TEST_KEY.encode(), 0o400, "munge", "munge", secret=True)
+    # Read as munge, whose directory /etc/munge is.
+    key = FileRecord(TEST_KEY.encode(), 0o400, "munge", "munge", secret=True, account="munge")
     files: dict[str, str | FileRecord] = {"/etc/munge/munge.key": key}
     if kind == "slurm":
         files["/etc/slurm/slurm.conf"] = golden_text(

@@ -411,9 +411,10 @@ def test_files_carry_content_mode_and_owner() -> None:
     assert keyfile.text is not None and "interface-name=eth0\n" in keyfile.text
     assert facts.file_text("/etc/hostname") == "localhost.localdomain\n"
     assert facts.file_text("/etc/nonexistent") is None
-    # A symlink: stat reports the link's mode, the content is the target's.
-    resolv = recorded("ubuntu2204-master").facts().files["/etc/resolv.conf"]
-    assert resolv.mode == 0o777 and b"nameserver 127.0.0.53" in (resolv.content or b"")
+    # A symlink (Ubuntu's resolv.conf) is reported as a link, never read through.
+    ubuntu = recorded("ubuntu2204-master").facts()
+    assert "/etc/resolv.conf" not in ubuntu.files
+    assert ubuntu.links == {"/etc/resolv.conf": "../run/systemd/resolve/stub-resolv.conf"}
 
 
 @pytest.mark.parametrize("empty_path", ["/etc/a-first", "/etc/z-last"])

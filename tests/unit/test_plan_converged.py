@@ -22,6 +22,7 @@ from tests.unit.factsbuilder import (
     CONVERGED_TABLES,
     LAB,
     LAB_NODES,
+    FileRecord,
     converged,
     converged_inventory,
     inventory,
@@ -98,7 +99,8 @@ def test_lab_capture_is_one_consistent_snapshot(name: str) -> None:
     for path in captured:
         if path.is_file():
             on_node = "/" + str(path.relative_to(LAB / node / "files"))
-            assert records[on_node].content == path.read_bytes(), on_node
+            record = records[on_node]
+            assert isinstance(record, FileRecord) and record.content == path.read_bytes(), on_node
     facts = converged(name).facts()
     for section, tables in (("iptables-save.txt", facts.iptables),
                             ("ip6tables-save.txt", facts.ip6tables)):

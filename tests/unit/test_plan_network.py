@@ -13,6 +13,7 @@ from homeclust.steps.base import PlanContext, StepPlan
 from homeclust.steps.network import ROLLBACK_AFTER, NetworkStep
 from tests.unit.factsbuilder import (
     FileRecord,
+    LinkRecord,
     converged,
     golden_text,
     inventory,
@@ -101,6 +102,33 @@ def test_debian_worker_with_resolvconf_leaves_resolv_conf_to_it() -> None:
     written = files(plan(facts, "worker1"))
     assert "/etc/resolv.conf" not in written
     assert "dns-nameservers 8.8.8.8" in (written["/etc/network/interfaces"].content or "")
+
+
+def test_a_resolv_conf_a_resolver_owns_is_left_to_it_with_a_warning() -> None:
+    """/etc/resolv.conf is a link where the platform means it (systemd-resolved's stub): the
+    facts report the link (reading through it failed every run on Ubuntu) and the worker's
+    file is left to the resolver, with the servers to give it named."""
+    stub = recorded("debian12-worker").but(files={
+        "/etc/resolv.conf": LinkRecord("../run/systemd/resolve/stub-resolv.conf")})
+    result = plan(stub.facts(), "worker1")
+    assert "/etc/resolv.conf" not in files(result)
+    assert any(w == "/etc/resolv.conf is systemd-resolved's (a link to ../run/systemd/resolve/"
+               "stub-resolv.conf): homeclust leaves it alone; give systemd-resolved the DNS "
+               "servers 8.8.8.8 yourself" for w in result.warnings), result.warnings
+    # A link anywhere else is not the platform's: the managed file replaces it.
+    elsewhere = recorded("debian12-worker").but(files={
+        "/etc/resolv.conf": LinkRecord("/home/hpc/resolv.conf")})
+    replaced = files(plan(elsewhere.facts(), "worker1"))["/etc/resolv.conf"]
+    assert replaced.description == ("update /etc/resolv.conf (replaces a symbolic link to "
+                                    "/home/hpc/resolv.conf)")
+    assert replaced.content == golden_text("network/ifupdown/worker1/etc/resolv.conf")
+
+
+def test_ubuntus_resolv_conf_link_neither_fails_nor_is_touched() -> None:
+    facts = recorded("ubuntu2204-master").facts()
+    assert facts.links["/etc/resolv.conf"] == "../run/systemd/resolve/stub-resolv.conf"
+    result = plan(facts, "master")
+    assert "/etc/resolv.conf" not in files(result)
 
 
 def test_fresh_rocky_master_replaces_installer_keyfiles_and_sets_the_hostname() -> None:

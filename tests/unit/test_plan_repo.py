@@ -9,18 +9,20 @@ RHEL lab.
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from homeclust.changes import CommandChange, FileChange, PackagesChange, ServiceChange
 from homeclust.errors import StepError
-from homeclust.facts import HostFacts, redact_facts_output
+from homeclust.facts import HostFacts
 from homeclust.inventory import Inventory
 from homeclust.platforms import platform_of
 from homeclust.render import repo as render
 from homeclust.steps import REGISTRY, resolve_steps, worker_packages
 from homeclust.steps.base import PlanContext, StepPlan
-from homeclust.steps.repo import REFRESH_AFTER, parse_manifest, parse_repo_state
+from homeclust.steps.repo import REFRESH_AFTER, REPO_STATE, parse_manifest, parse_repo_state
 from tests.unit.factsbuilder import (
     CONVERGED_TABLES,
     FactsBuilder,
@@ -220,8 +222,13 @@ def test_up_only_repo_refreshes_the_lists_once_they_are_older_than_the_window() 
     assert "refresh" in build_of(plan(never, requested=frozenset({"repo"}))).description
 
 
+def without_signing_key(master: FactsBuilder) -> FactsBuilder:
+    return master.but(x_repo_state=master.sections["x-repo-state"].replace(
+        "signing-key present\n", ""))
+
+
 def test_a_lost_key_is_made_again_and_the_index_signed_with_it() -> None:
-    lost = DEBIAN_MASTER.but(files={render.SIGNING_KEY: None, render.PUBLIC_KEY: None})
+    lost = without_signing_key(DEBIAN_MASTER).but(files={render.PUBLIC_KEY: None})
     result = plan(lost)
     assert result.descriptions()[0] == "create the cluster's repository signing key"
     assert "sign the index with the new key" in build_of(result).description
@@ -241,19 +248,27 @@ def test_edited_nginx_conf_is_rewritten_and_nginx_restarted() -> None:
         f"update {render.NGINX_CONF}", f"restart nginx.service (if {render.NGINX_CONF} changed)"]
 
 
-def test_the_signing_key_is_a_secret_fact_never_logged_or_diffed() -> None:
+def test_the_signing_key_never_leaves_the_master_only_its_presence_is_reported(
+        tmp_path: Path) -> None:
+    """The private key is used on the master only; the facts say whether it is there and
+    never carry it (it used to be read back to the admin as a secret on every run)."""
     query = STEP.fact_query(INV)
-    assert render.SIGNING_KEY in query.secret_paths
-    assert render.SIGNING_KEY not in query.paths
-    raw = DEBIAN_MASTER.build()
-    facts = DEBIAN_MASTER.facts()
-    assert facts.files[render.SIGNING_KEY].secret
-    key_text = facts.files[render.SIGNING_KEY].text or ""
-    assert "PRIVATE KEY" in key_text
-    import base64
-
-    encoded = base64.b64encode(key_text.encode()).decode()
-    assert encoded in raw and encoded not in redact_facts_output(raw)
+    assert render.SIGNING_KEY not in query.paths | query.secret_paths
+    assert not any(render.SIGNING_KEY in p for _, p in query.account_paths)
+    assert DEBIAN_MASTER.facts().get(REPO_STATE).signing_key
+    assert not without_signing_key(DEBIAN_MASTER).facts().get(REPO_STATE).signing_key
+    # The real command, on a key of its own: "present", and not a byte of the key.
+    key = tmp_path / "signing-key.asc"
+    key.write_text("-----BEGIN PGP PRIVATE KEY BLOCK-----\nsecretstuff\n")
+    command = render.REPO_STATE_COMMAND.replace(render.SIGNING_KEY, str(key)).replace(
+        render.MANIFEST, str(tmp_path / "no-manifest"))
+    done = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True, check=True,
+                          timeout=10)
+    assert done.stdout == "signing-key present\n"
+    assert parse_repo_state(done.stdout).signing_key
+    key.unlink()
+    assert subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True,
+                          timeout=10).stdout == ""
     # The plan never writes it (the host makes it), and no diff can contain it.
     lost = plan(DEBIAN_MASTER.but(files={render.PUBLIC_KEY: None}))
     assert "PRIVATE" not in lost.diff()
@@ -301,7 +316,7 @@ DEBIAN_WORKER_FRESH = recorded("debian12-worker").but(files={
 
 def test_fresh_debian_worker_switches_to_the_master_keeping_its_sources_aside() -> None:
     result = plan(DEBIAN_WORKER_FRESH, "worker1", master=DEBIAN_MASTER)
-    master_key = DEBIAN_MASTER.files[render.PUBLIC_KEY].text
+    master_key = DEBIAN_MASTER.file_text(render.PUBLIC_KEY)
     written = files(result)
     assert written[render.WORKER_KEYRING].content == master_key
     assert written[render.APT_SOURCES].content == golden_text(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from homeclust.changes import CommandChange, FileChange, PackagesChange, render_batch
+from homeclust.changes import CommandChange, FileChange, PackagesChange, as_account, render_batch
 from homeclust.errors import StepError
 from homeclust.render.ssh import (
     AUTHORIZED_BEGIN,
@@ -15,7 +15,7 @@ from homeclust.render.ssh import (
 )
 from homeclust.steps.base import PlanContext, StepPlan
 from homeclust.steps.sshkeys import SshKeysStep, accounts_fact, mesh_probe
-from tests.unit.factsbuilder import FileRecord
+from tests.unit.factsbuilder import FileRecord, LinkRecord
 from tests.unit.meshfacts import INV, converged, facts, fresh, lab_inventory, mesh
 
 STEP = SshKeysStep()
@@ -44,10 +44,16 @@ def test_fresh_master_creates_the_users_and_generates_the_key_pairs(name: str) -
     text = "\n".join(c.command for c in commands)
     assert "groupadd -g 2000 hpc" in text
     assert "useradd -m -d /home/hpc -u 2000 -g 2000 -s /bin/bash" in text
-    for key in (ROOT_KEY, HPC_KEY):
+    for key, account in ((ROOT_KEY, "root"), (HPC_KEY, "hpc")):
         generate = next(c for c in commands if key in c.description)
-        assert "ssh-keygen -q -t ed25519 -N ''" in generate.command
-        assert generate.unless == f"[ -e {key} ]"  # generated once, never replaced
+        assert 'ssh-keygen -q -t ed25519 -N ""' in generate.command
+        # Generated once, never replaced; a cluster user's by the user, in their own home.
+        test = f"[ -f {key} ] && [ ! -L {key} ]"
+        assert generate.unless == as_account(account, test)
+        assert generate.command.startswith("hc_run_as hpc sh -c " if account == "hpc"
+                                           else "rm -f ")
+        assert f"-C {account}@try-km-homeclust{'-master-only' if account == 'root' else ''} " \
+            in generate.command
     # The keys' public halves are not known yet: authorizing them is planned after.
     assert result.incomplete and result.guard is None and not result.guarded
     assert not any(AUTHORIZED_BEGIN in (c.content or "") for c in files(result).values())
@@ -56,19 +62,26 @@ def test_fresh_master_creates_the_users_and_generates_the_key_pairs(name: str) -
                                 else ("openssh-clients",))
 
 
-def test_master_with_its_keys_authorizes_them_roots_file_under_a_guard() -> None:
-    # The captured master, but root's authorized_keys holds only the admin's key.
+def test_the_master_accepts_no_cluster_key_for_root_its_file_changed_under_a_guard() -> None:
+    """Root's trust goes from the master to the workers only: a cluster key block in the
+    master's root ``authorized_keys`` (an older homeclust wrote one) is removed."""
+    old_block = (f"{AUTHORIZED_BEGIN}\nfrom=\"192.168.10.0/24\" ssh-ed25519 "
+                 "AAAAC3NzaC1lZDI1NTE5AAAAIHytqL+Xy5mIHRXEqJhFwihRjl4eteMLLrA4KJeNUkIC "
+                 "root@try-km-homeclust\n# END homeclust cluster key\n")
     master = mesh("master").but(files={"/root/.ssh/authorized_keys": FileRecord(
-        (ADMIN + "\n").encode(), 0o600)})
+        (ADMIN + "\n" + old_block + "# kept\n").encode(), 0o600)})
     result = plan(facts(master), "master")
     assert not result.incomplete
     assert result.guard is not None and result.guard.rollback_after > 0
     assert [c.path for c in result.guarded] == ["/root/.ssh/authorized_keys"]  # type: ignore[union-attr]
     root_file = result.guarded[0]
-    assert isinstance(root_file, FileChange) and root_file.content is not None
-    assert root_file.content.startswith(ADMIN + "\n")  # the admin's key stays, first
-    assert 'from="192.168.10.0/24" ssh-ed25519 ' in root_file.content
+    assert isinstance(root_file, FileChange)
+    assert root_file.content == ADMIN + "\n# kept\n"  # every other line stays
     assert result.changes == ()  # everything else was already in place
+    # Without a block there is nothing to do.
+    clean = mesh("master").but(files={"/root/.ssh/authorized_keys": FileRecord(
+        (ADMIN + "\n").encode(), 0o600)})
+    assert plan(facts(clean), "master").descriptions() == []
 
 
 def test_a_cluster_users_authorized_keys_is_not_guarded() -> None:
@@ -91,14 +104,21 @@ def test_fresh_worker_gets_the_masters_key_pairs_as_secrets(name: str) -> None:
     master = facts(mesh("master"))
     result = plan(facts(fresh(name)), "worker1", master)
     planned = files(result)
-    for key, owner in ((ROOT_KEY, "root"), (HPC_KEY, "hpc")):
-        private = planned[key]
-        assert private.secret and private.mode == 0o600 and private.owner == owner
-        assert private.content == master.file_text(key)
-        assert "placeholder" not in private.diff()  # the diff never shows a secret
-        assert "placeholder" not in render_batch(result.changes, redact=True)
-        assert planned[key + ".pub"].content == master.file_text(key + ".pub")
+    private = planned[HPC_KEY]
+    assert private.secret and private.mode == 0o600 and private.owner == "hpc"
+    assert private.run_as == "hpc" and planned[HPC_KEY + ".pub"].run_as == "hpc"
+    assert private.content == master.file_text(HPC_KEY)
+    assert "placeholder" not in private.diff()  # the diff never shows a secret
+    assert "placeholder" not in render_batch(result.changes, redact=True)
+    assert planned[HPC_KEY + ".pub"].content == master.file_text(HPC_KEY + ".pub")
+    # Root's private key never leaves the master; root here accepts it from the master.
+    assert ROOT_KEY not in planned and ROOT_KEY + ".pub" not in planned
     assert [c.path for c in result.guarded] == ["/root/.ssh/authorized_keys"]  # type: ignore[union-attr]
+    root_file = result.guarded[0]
+    assert isinstance(root_file, FileChange)
+    root_pub = (master.file_text(ROOT_KEY + ".pub") or "").split()
+    assert f'from="192.168.10.1" {root_pub[0]} {root_pub[1]} root@try-km-homeclust-master-only' \
+        in (root_file.content or "")
     config = SSH_CONFIG if name.startswith("centos7") else SSH_CONFIG_DROPIN
     assert "IdentityFile ~/.ssh/id_ed25519_homeclust" in (planned[config].content or "")
 
@@ -199,3 +219,93 @@ def test_mesh_probe_is_one_row_per_account_naming_what_fails() -> None:
     missing = hpc.evaluate(1, ok.replace("ok hpc master\n", ""))
     assert missing.detail == "master by name: no answer"
     assert mesh_probe(ctx, "root").evaluate(0, ok).status == "fail"  # hpc's results are not root's
+
+
+# --------------------------------------------------------------------------- root's trust
+
+
+def test_a_worker_holding_roots_cluster_key_loses_it() -> None:
+    """An older homeclust copied root's key pair to every worker: root on any worker was root
+    everywhere.  A worker keeps no copy (the removal never reads through a link either)."""
+    old = mesh("master")
+    worker = mesh("worker").but(files={
+        ROOT_KEY: old.files[ROOT_KEY],
+        ROOT_KEY + ".pub": LinkRecord("/etc/ssh/ssh_host_ed25519_key.pub")})
+    result = plan(facts(worker), "worker1", facts(mesh("master")))
+    removed = {c.path: c for c in result.changes if isinstance(c, FileChange) and c.content is None}
+    assert set(removed) == {ROOT_KEY, ROOT_KEY + ".pub"}
+    assert all(c.run_as is None for c in removed.values())
+    assert removed[ROOT_KEY].secret and "placeholder" not in result.diff()
+    assert "hc_absent /root/.ssh/id_ed25519_homeclust;" in render_batch(list(removed.values()))
+
+
+def test_a_root_key_made_by_an_older_homeclust_is_replaced_once_and_workers_wait_for_it() -> None:
+    old_pub = mesh("master").file_text(ROOT_KEY + ".pub").replace("-master-only", "")
+    master = facts(mesh("master").but(files={ROOT_KEY + ".pub": old_pub}))
+    result = plan(master, "master")
+    rotate = next(c for c in result.changes if isinstance(c, CommandChange))
+    assert "an older homeclust copied it to every worker" in rotate.description
+    assert "rm -f /root/.ssh/id_ed25519_homeclust /root/.ssh/id_ed25519_homeclust.pub && " \
+           "ssh-keygen" in rotate.command and "root@try-km-homeclust-master-only" in rotate.command
+    assert rotate.unless == ("[ -f /root/.ssh/id_ed25519_homeclust ] && grep -q -- "
+                             "root@try-km-homeclust-master-only /root/.ssh/id_ed25519_homeclust.pub")
+    assert result.incomplete == "authorize the new cluster keys of root once they are generated"
+    # A worker planned from that master does not authorize the old key again.
+    worker = plan(facts(mesh("worker")), "worker1", master)
+    assert "/root/.ssh/authorized_keys" not in files(worker)
+    assert any("no cluster key pair yet for root" in w for w in worker.warnings)
+
+
+def test_a_users_key_linked_elsewhere_on_the_master_is_replaced_by_a_new_pair() -> None:
+    master = mesh("master").but(files={
+        HPC_KEY: LinkRecord(ROOT_KEY, account="hpc"),
+        "/home/hpc/hostfile": LinkRecord("/etc/shadow", account="hpc")})
+    result = plan(facts(master), "master")
+    generate = next(c for c in result.changes if isinstance(c, CommandChange))
+    assert generate.description == (f"replace the symbolic link {HPC_KEY} (to {ROOT_KEY}) with "
+                                    "a new cluster key pair of hpc")
+    assert generate.command.startswith("hc_run_as hpc sh -c 'rm -f ")
+    assert result.incomplete
+
+
+def test_the_facts_of_a_users_files_come_from_their_own_read_and_only_for_their_paths() -> None:
+    """What runs as the account cannot speak for root's files: records about other paths in
+    its block are dropped."""
+    query = STEP.fact_query(INV)
+    assert ("hpc", HPC_KEY) in query.account_secret_paths
+    assert ("hpc", "/home/hpc/.ssh/authorized_keys") in query.account_paths
+    assert not any(p.startswith("/home/") for p in query.paths | query.secret_paths)
+    forged = mesh("master").but(files={
+        "/etc/ssh/ssh_known_hosts": FileRecord(b"forged\n", account="hpc"),
+        "/home/hpc/.ssh/authorized_keys": FileRecord(b"theirs\n", 0o600, "hpc", "hpc",
+                                                     account="hpc")})
+    parsed = facts(forged)
+    assert parsed.file_text("/home/hpc/.ssh/authorized_keys") == "theirs\n"
+    assert "/etc/ssh/ssh_known_hosts" not in parsed.files  # not the root-read one either
+
+
+def test_root_reaches_the_workers_from_the_master_and_the_master_refuses_it_from_a_worker(
+        ) -> None:
+    from homeclust.steps.sshkeys import mesh_trust
+
+    worker = INV.node("worker2")
+    assert mesh_trust(INV, worker, "root").reach == ()
+    assert [n.name for n in mesh_trust(INV, worker, "root").refused] == ["master"]
+    assert [n.name for n in mesh_trust(INV, INV.master_node, "root").reach] == [
+        "worker1", "worker2", "worker3"]
+    assert [n.name for n in mesh_trust(INV, worker, "hpc").reach] == [
+        "master", "worker1", "worker3"]
+
+    probe = mesh_probe(PlanContext(INV, worker, facts(mesh("worker")), {}), "root")
+    assert "'root master'" in probe.script and "'root 192.168.10.1'" in probe.script
+    assert "'root worker1'" not in probe.script
+    refused = ("fail root master root@master: Permission denied (publickey).\n"
+               "fail root 192.168.10.1 root@192.168.10.1: Permission denied (publickey).\n")
+    item = probe.evaluate(0, refused)
+    assert item.status == "pass" and "refused by master" in item.detail
+    accepted = refused.replace("fail root master root@master: Permission denied (publickey).",
+                               "ok root master")
+    item = probe.evaluate(0, accepted)
+    assert item.status == "fail" and item.detail == "master by name: accepted root from worker2"
+    timeout = refused.replace("Permission denied (publickey).", "Connection timed out")
+    assert "no refusal seen" in probe.evaluate(0, timeout).detail
